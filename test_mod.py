@@ -1,0 +1,385 @@
+"""Tests for the Mixture-of-Depths implementation. Tiny models, CPU, seconds: `python -m pytest`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from mod import Block, MoDBlock, MoDConfig, MoDGPT
+
+
+def tiny(**overrides):
+    """A model small enough to test in milliseconds: 4 blocks, blocks 1 and 3 routed."""
+    fields = dict(block_size=32, vocab_size=50, n_layer=4, n_head=2, n_embd=32, capacity=0.25)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    return MoDGPT(MoDConfig(**fields)).eval()
+
+
+def routed_blocks(model):
+    return [b for b in model.transformer.h if isinstance(b, MoDBlock)]
+
+
+def capture_routing(model):
+    """Collect each routed block's (input, output, RoutingInfo) on every forward pass."""
+    seen = []
+    for block in routed_blocks(model):
+        block.register_forward_hook(lambda mod, args, out: seen.append((args[0], out[0], out[1])))
+    return seen
+
+
+# -----------------------------------------------------------------------------
+# 1. capacity 1.0 with weight 1 is the dense block; mod_every=0 is a plain GPT
+
+
+def test_capacity_one_with_unit_weight_is_the_dense_block():
+    model = tiny(capacity=1.0)
+    block = routed_blocks(model)[0]
+    block.weight = lambda r: torch.ones_like(r)  # Eq. 1 with w = 1: x + f(x) for every token
+    x = torch.randn(3, 11, 32)
+    out, info = block(x)
+    assert info.processed.all()
+    assert torch.equal(out, block.block(x))
+
+    # The whole model then equals a dense model holding the same weights.
+    for b in routed_blocks(model):
+        b.weight = lambda r: torch.ones_like(r)
+    dense = tiny(mod_every=0)
+    state = {k.replace(".block.", "."): v for k, v in model.state_dict().items()
+             if ".router." not in k and ".predictor." not in k}
+    dense.load_state_dict(state)
+    idx = torch.randint(0, 50, (2, 19))
+    assert torch.equal(model(idx)[0], dense(idx)[0])
+
+
+def test_mod_every_zero_is_a_plain_gpt():
+    model = tiny(mod_every=0)
+    assert all(type(b) is Block for b in model.transformer.h)
+    C, V, T, L = 32, 50, 32, 4
+    assert sum(p.numel() for p in model.parameters()) == V * C + T * C + L * (12 * C * C + 2 * C) + C
+    idx = torch.randint(0, V, (2, 17))
+    targets = torch.randint(0, V, (2, 17))
+    logits, loss = model(idx, targets)
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(17))
+    for block in model.transformer.h:
+        x = block(x)
+    expected = model.lm_head(model.transformer.ln_f(x))
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(loss, F.cross_entropy(expected.view(-1, V), targets.view(-1)), atol=1e-6)
+    assert model.last_routing == [None] * 4
+    assert model.last_stats["predictor_loss"] == 0 and model.last_stats["routed_frac"].numel() == 0
+
+
+def test_blocks_routed_every_mod_every_first_always_dense():
+    def layout(n_layer, mod_every):
+        model = tiny(n_layer=n_layer, mod_every=mod_every)
+        return [i for i, b in enumerate(model.transformer.h) if isinstance(b, MoDBlock)]
+    assert layout(6, 2) == [1, 3, 5]
+    assert layout(6, 3) == [2, 5]
+    assert layout(4, 1) == [1, 2, 3]
+    assert layout(4, 0) == []
+
+
+# -----------------------------------------------------------------------------
+# 2. top-k: exactly k tokens per sequence, in sequence order; the others bit-identical
+
+
+@pytest.mark.parametrize("router_weight", ["sigmoid", "raw"])
+@pytest.mark.parametrize("B,T", [(3, 21), (2, 7), (1, 1), (4, 3), (2, 32)])
+def test_topk_routes_exactly_k_tokens_in_sequence_order(B, T, router_weight):
+    model = tiny(router_weight=router_weight)
+    seen = capture_routing(model)
+    idx = torch.randint(0, 50, (B, T))
+    model(idx)
+    k = max(1, int(0.25 * T))  # from the actual T (< block_size), at least one token
+    assert len(seen) == 2
+    for block, (x, out, info), processed in zip(routed_blocks(model), seen, model.last_routing[1::2]):
+        assert torch.equal(info.processed, processed)
+        assert processed.sum(1).tolist() == [k] * B
+        r = block.router(x)
+        # reference, row by row: this row's top-k, in sequence order, through the block, Eq. 1
+        for b in range(B):
+            chosen = torch.topk(r[b], k).indices.sort().values
+            assert torch.equal(info.processed[b].nonzero().squeeze(1), chosen)
+            w = torch.sigmoid(r[b, chosen]) if router_weight == "sigmoid" else r[b, chosen]
+            f = block.block.update(x[b:b + 1, chosen])[0]  # attention over the routed tokens only
+            assert torch.allclose(out[b, chosen], x[b, chosen] + w[:, None] * f, atol=1e-6)
+        # tokens routed around the block leave it bit-identical
+        assert torch.equal(out[~info.processed], x[~info.processed])
+
+
+def test_random_router_control_routes_k_tokens_not_the_router_top_k():
+    model = tiny(router="random")
+    seen = capture_routing(model)
+    torch.manual_seed(1)
+    model(torch.randint(0, 50, (4, 32)))
+    differs = False
+    for block, (x, out, info) in zip(routed_blocks(model), seen):
+        assert info.processed.sum(1).tolist() == [8] * 4
+        by_router = torch.zeros_like(info.processed).scatter_(1, block.router(x).topk(8, dim=1).indices, True)
+        differs |= not torch.equal(by_router, info.processed)
+    assert differs
+
+
+# -----------------------------------------------------------------------------
+# 3. gradients: router learns from the LM loss, predictor does not, and predictor loss stays out of the trunk
+
+
+def test_router_learns_from_lm_loss_predictor_does_not():
+    model = tiny().train()
+    idx, targets = torch.randint(0, 50, (2, 24)), torch.randint(0, 50, (2, 24))
+    logits, _ = model(idx, targets)
+    F.cross_entropy(logits.view(-1, 50), targets.view(-1)).backward()  # the LM loss alone
+    for block in routed_blocks(model):
+        assert block.router.proj.weight.grad is not None and block.router.proj.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in block.predictor.parameters())
+
+
+def test_predictor_loss_sends_no_gradient_into_the_trunk():
+    model = tiny().train()
+    seen = capture_routing(model)
+    model(torch.randint(0, 50, (2, 24)))
+    bce = sum(F.binary_cross_entropy_with_logits(info.predictor_logits, info.topk.float()) for _, _, info in seen)
+    bce.backward()
+    predictor_params = {id(p) for b in routed_blocks(model) for p in b.predictor.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in predictor_params:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"{name} got gradient from the predictor's loss"
+
+
+def test_aux_targets_are_each_rows_own_top_k():
+    model = tiny(router_aux_loss=0.5)
+    seen = capture_routing(model)
+    idx = torch.randint(0, 50, (3, 20))
+    _, loss = model(idx, idx)
+    predictor_bces, router_bces = [], []
+    for block, (x, out, info) in zip(routed_blocks(model), seen):
+        r = block.router(x)
+        target = torch.zeros(3, 20)
+        for b in range(3):  # built row by row: a flattened buffer would put every index into row 0
+            target[b, torch.topk(r[b], 5).indices] = 1.0
+        assert torch.equal(info.topk.float(), target)
+        predictor_bces.append(F.binary_cross_entropy_with_logits(block.predictor(x), target))
+        router_bces.append(F.binary_cross_entropy_with_logits(r, target))
+    stats = model.last_stats
+    assert torch.allclose(stats["predictor_loss"], sum(predictor_bces) / 2, atol=1e-6)
+    assert torch.allclose(stats["router_loss"], sum(router_bces) / 2, atol=1e-6)
+    assert torch.allclose(loss, stats["lm_loss"] + stats["predictor_loss"] + 0.5 * stats["router_loss"], atol=1e-6)
+    assert stats["routed_frac"].tolist() == [0.25, 0.25]
+
+
+# -----------------------------------------------------------------------------
+# 4. causality: causal modes see no future; top-k does (the reason for the predictor)
+
+
+def change_the_future(idx, t):
+    other = idx.clone()
+    other[:, t + 1:] = (idx[:, t + 1:] + 1 + torch.randint(0, 48, idx[:, t + 1:].shape)) % 50
+    return other
+
+
+@pytest.mark.parametrize("routing", ["predictor", "router"])
+def test_causal_routing_sees_no_future(routing):
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 32))
+    for t in (0, 5, 17, 30):
+        a, _ = model(idx, routing=routing)
+        b, _ = model(change_the_future(idx, t), routing=routing)
+        assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5), f"position <= {t} saw the future"
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_topk_routing_leaks_the_future():
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 32))
+    a, _ = model(idx, routing="topk")
+    leaked = False
+    for t in range(0, 31, 3):
+        b, _ = model(change_the_future(idx, t), routing="topk")
+        leaked |= (a[:, :t + 1] - b[:, :t + 1]).abs().max().item() > 1e-4
+    assert leaked, "top-k routing should let future tokens change earlier logits"
+
+
+# -----------------------------------------------------------------------------
+# 5. cached generation equals the full forward
+
+
+def test_cached_steps_equal_the_full_forward_batch_rows_route_differently():
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 30))
+    full, _ = model(idx, routing="predictor")
+    cache = model.new_cache(3)
+    steps = [model(idx[:, :9], routing="predictor", cache=cache)[0]]
+    for t in range(9, 30):
+        steps.append(model(idx[:, t:t + 1], routing="predictor", cache=cache)[0])
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    model(idx, routing="predictor")
+    for layer, processed in zip(cache.layers, model.last_routing):
+        if processed is None:
+            assert layer.lengths.tolist() == [30] * 3
+        else:  # a routed block's cache holds exactly the tokens routed into it, per row
+            assert layer.lengths.tolist() == processed.sum(1).tolist()
+    routed_lengths = [layer.lengths for layer, p in zip(cache.layers, model.last_routing) if p is not None]
+    assert any(len(set(lengths.tolist())) > 1 for lengths in routed_lengths), "rows should route differently"
+
+
+def reference_generate(model, idx, max_new_tokens, routing):
+    """Greedy decoding without a cache, on the same window as generate(): crop to block_size, and when the window
+    is full keep its newer half. Returns the tokens and the last-position logits of each step."""
+    window = model.config.block_size
+    start = max(0, idx.size(1) - window)
+    step_logits = []
+    for _ in range(max_new_tokens):
+        if idx.size(1) - start > window:
+            start = idx.size(1) - window // 2
+        logits, _ = model(idx[:, start:], routing=routing)
+        step_logits.append(logits[:, -1])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx, step_logits, start
+
+
+@pytest.mark.parametrize("routing", ["predictor", "router"])
+def test_greedy_generate_with_cache_equals_full_forward_past_block_size(routing):
+    model = tiny()
+    prompt = torch.randint(0, 50, (3, 7))
+    step_logits = []
+    hook = model.register_forward_hook(lambda mod, args, out: step_logits.append(out[0][:, -1]))
+    out = model.generate(prompt, 70, temperature=0, routing=routing)  # 77 tokens, block_size 32
+    hook.remove()
+    routing_seen = model.last_routing
+    expected, expected_logits, start = reference_generate(model, prompt, 70, routing)
+    assert torch.equal(out, expected)
+    assert len(step_logits) == len(expected_logits) == 70
+    for got, want in zip(step_logits, expected_logits):
+        assert torch.allclose(got, want, atol=1e-5)
+    # last_routing covers the whole returned sequence; on the final window it matches the full forward
+    model(out[:, start:-1], routing=routing)
+    for seen, full in zip(routing_seen, model.last_routing):
+        if seen is None:
+            assert full is None
+        else:
+            assert seen.shape == (3, 77)
+            assert torch.equal(seen[:, start:-1], full) and not seen[:, -1].any()
+
+
+def test_generate_long_prompt_is_cropped_and_batch_one_works():
+    model = tiny()
+    prompt = torch.randint(0, 50, (1, 45))  # longer than block_size 32
+    out = model.generate(prompt, 5, temperature=0)
+    expected, _, _ = reference_generate(model, prompt, 5, "predictor")
+    assert torch.equal(out, expected)
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, 5, temperature=0.8, top_k=5)
+    assert sampled.shape == (1, 50) and torch.equal(sampled[:, :45], prompt)
+
+
+def test_a_block_that_no_token_routes_into_is_skipped_cleanly():
+    model = tiny()
+    for block in routed_blocks(model):
+        torch.nn.init.constant_(block.predictor.out.bias, -100.0)  # the predictor routes nothing
+    idx = torch.randint(0, 50, (2, 20))
+    logits, _ = model(idx, routing="predictor")
+    assert torch.isfinite(logits).all()
+    assert all(r is None or not r.any() for r in model.last_routing)
+    out = model.generate(idx[:, :4], 10, temperature=0)
+    cache = model.new_cache(2)
+    model(idx, routing="predictor", cache=cache)
+    assert [layer.nbytes() for layer, block in zip(cache.layers, model.transformer.h)
+            if isinstance(block, MoDBlock)] == [0, 0]
+    assert out.shape == (2, 14)
+
+
+# -----------------------------------------------------------------------------
+# 6. real savings: measured FLOPs agree with the estimate; routed caches hold only routed tokens
+
+
+def measured_flops(model, T):
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, model.config.vocab_size, (1, T)))
+    return counter.get_total_flops()
+
+
+def test_measured_flops_match_the_estimate_and_the_expected_saving():
+    kw = dict(block_size=64, n_embd=64, n_head=4, capacity=0.125)
+    mod, dense = tiny(**kw), tiny(mod_every=0, **kw)
+    T = 64
+    est_mod, est_dense = mod.estimate_flops(T), dense.estimate_flops(T)
+    # CPU FlopCounterMode counts matrix multiplies but not the attention kernel: compare the linear layers
+    for model, est in ((mod, est_mod), (dense, est_dense)):
+        assert measured_flops(model, T) == est["blocks_linear"] + est["routing"] + est["head"]
+    # every other block at 12.5%: the block stack's linear layers cost (1 + 1/8) / 2 = 0.5625 of dense
+    measured_stack_mod = measured_flops(mod, T) - est_mod["routing"] - est_mod["head"]
+    measured_stack_dense = measured_flops(dense, T) - est_dense["head"]
+    assert measured_stack_mod / measured_stack_dense == pytest.approx(0.5625)
+    with_attention = ((est_mod["blocks_linear"] + est_mod["blocks_attention"])
+                      / (est_dense["blocks_linear"] + est_dense["blocks_attention"]))
+    assert 0.5 < with_attention < 0.58
+    assert est_mod["total"] < 0.65 * est_dense["total"]
+
+
+def test_routed_kv_cache_holds_only_routed_tokens():
+    model = tiny(block_size=64, capacity=0.125)
+    idx = torch.randint(0, 50, (2, 64))
+    seen = capture_routing(model)
+    model(idx)
+    for block, (_, _, info) in zip(routed_blocks(model), seen):  # route ~1/8 of tokens, as a trained predictor
+        torch.nn.init.constant_(block.predictor.out.bias, -info.predictor_logits.quantile(0.875).item())
+    cache = model.new_cache(2)
+    model(idx, routing="predictor", cache=cache)
+    dense_bytes = routed_bytes = 0
+    for layer, processed in zip(cache.layers, model.last_routing):
+        if processed is None:
+            dense_bytes = layer.nbytes()
+        else:
+            assert layer.lengths.tolist() == processed.sum(1).tolist()
+            assert layer.k.size(1) < 64  # grown on demand, not preallocated to block_size
+            routed_bytes = max(routed_bytes, layer.nbytes())
+    assert routed_bytes < dense_bytes
+
+
+# -----------------------------------------------------------------------------
+# 7. bad input: one clear ValueError naming the fix
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(capacity=0.0), "capacity must be in"),
+    (dict(capacity=1.5), "capacity must be in"),
+    (dict(n_embd=30, n_head=4), "divisible by n_head"),
+    (dict(router_weight="softmax"), "router_weight must be"),
+    (dict(router="topk"), "router must be"),
+    (dict(mod_every=-1), "mod_every must be"),
+    (dict(dropout=1.0), "dropout must be"),
+])
+def test_bad_config_is_a_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
+
+
+def test_config_changed_after_creation_is_checked_by_the_model():
+    config = MoDConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    config.capacity = 2.0
+    with pytest.raises(ValueError, match="capacity must be in"):
+        MoDGPT(config)
+
+
+def test_bad_forward_input_is_a_clear_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="longer than block_size 32: crop it"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown routing 'causal'"):
+        model(torch.zeros(1, 8, dtype=torch.long), routing="causal")
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+        model(torch.full((1, 8), 50))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+        model(torch.full((1, 8), -1))
+    with pytest.raises(ValueError, match="torch.long"):
+        model(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="cannot generate"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 3, routing="topk")
+    with pytest.raises(ValueError, match="start from a newline"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    cache = model.new_cache(1)
+    with pytest.raises(ValueError, match="cannot be used with a cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), routing="topk", cache=cache)
