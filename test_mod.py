@@ -1,11 +1,25 @@
-"""Tests for the Mixture-of-Depths implementation. Tiny models, CPU, seconds: `python -m pytest`."""
+"""Tests for the Mixture-of-Depths implementation, its data preparation and training. Tiny models, CPU, seconds:
+`python -m pytest`. The BPE test needs tiktoken's r50k_base: online, or TIKTOKEN_CACHE_DIR set to a cache of it."""
 
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import data.prepare as dp
+import train
+from data.prepare import DATASETS, URL, DataError, Tokenizer, load_meta, prepare, read_text
 from mod import Block, MoDBlock, MoDConfig, MoDGPT
+
+REPO = Path(__file__).resolve().parent
 
 
 def tiny(**overrides):
@@ -383,3 +397,357 @@ def test_bad_forward_input_is_a_clear_error():
     cache = model.new_cache(1)
     with pytest.raises(ValueError, match="cannot be used with a cache"):
         model(torch.zeros(1, 4, dtype=torch.long), routing="topk", cache=cache)
+
+
+# =============================================================================
+# data/prepare.py: every test writes its own small text to tmp_path; no network
+
+
+SMALL_TEXT = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+
+All:
+Resolved. resolved.
+
+First Citizen:
+First, you know Caius Marcius is chief enemy to the people.
+
+All:
+We know't, we know't.
+"""
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No $SHAKESPEARE_TXT, the download cache in an empty folder, and no network. Returns the cache folder."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.delenv("SHAKESPEARE_TXT", raising=False)
+    monkeypatch.setattr(dp, "CACHE_PATH", str(cache / "tinyshakespeare.txt"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    return cache
+
+
+@pytest.fixture
+def small_input(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text(SMALL_TEXT, encoding="utf-8")
+    return path
+
+
+class FakeResponse:
+    """Stands in for urlopen's response: sends `body`, then fails with `error` (if any), claiming `length` bytes."""
+
+    def __init__(self, body, length, error=None):
+        self.body, self.error, self.sent = body, error, False
+        self.headers = {"Content-Length": str(length)}
+
+    def read(self, n=-1):
+        if not self.sent:
+            self.sent = True
+            return self.body
+        if self.error:
+            raise self.error
+        return b""  # the server closed the connection
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_prepare_char_writes_uint16_bins_that_decode_back(offline, small_input, tmp_path):
+    out = tmp_path / "out"
+    meta = prepare("shakespeare_char", str(small_input), str(out))
+    assert meta == load_meta(str(out))  # meta.json round trip
+    assert meta["tokenizer"] == "char" and meta["chars"] == "".join(sorted(set(SMALL_TEXT)))
+    assert meta["vocab_size"] == len(set(SMALL_TEXT))
+    n_train = int(len(SMALL_TEXT) * 0.9)  # 90/10 split by characters, one token per character
+    assert os.path.getsize(out / "train.bin") == 2 * n_train  # 2 bytes per token: uint16
+    assert os.path.getsize(out / "val.bin") == 2 * (len(SMALL_TEXT) - n_train)
+    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    tok = Tokenizer(meta)
+    assert tok.decode(train) == SMALL_TEXT[:n_train] and tok.decode(np.concatenate([train, val])) == SMALL_TEXT
+    assert tok.vocab_size == meta["vocab_size"] and tok.decode([tok.newline_or_eot]) == "\n"
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]  # no temporary files left behind
+
+
+def test_prepare_bpe_round_trip(offline, small_input, tmp_path):
+    import tiktoken
+    out = tmp_path / "out"
+    meta = prepare("shakespeare", str(small_input), str(out))  # needs TIKTOKEN_CACHE_DIR offline
+    assert meta == load_meta(str(out))
+    assert meta["vocab_size"] == 50257 and meta["eot_token"] == 50256 and meta["encoding"] == "r50k_base"
+    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    n_train = int(len(SMALL_TEXT) * 0.9)
+    enc = tiktoken.get_encoding("r50k_base")
+    assert train.tolist() == enc.encode_ordinary(SMALL_TEXT[:n_train])
+    tok = Tokenizer(meta)
+    assert tok.decode(train) + tok.decode(val) == SMALL_TEXT
+    assert tok.vocab_size == 50257 and tok.newline_or_eot == 50256
+    assert tok.encode("hi<|endoftext|>") == enc.encode("hi") + [50256]  # the special token in a prompt
+    assert prepare("shakespeare", str(small_input), str(out))  # overwriting existing files works
+
+
+def test_offline_without_a_file_says_both_ways_out_and_writes_nothing(offline, capsys):
+    with pytest.raises(DataError) as e:
+        read_text()
+    message = str(e.value)
+    assert "--input PATH" in message and "SHAKESPEARE_TXT" in message and URL in message and "internet" in message
+    assert "\n" not in message
+    assert list(offline.iterdir()) == []  # no empty cache file
+    with pytest.raises(SystemExit) as exit_:  # the command line: one line on stderr, exit code 1
+        dp.main("shakespeare_char", [])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--input PATH" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"), None])
+def test_download_cut_off_midway_leaves_no_truncated_file(offline, monkeypatch, error):
+    # the server sends part of the file, then resets the connection (or just closes it early)
+    partial = FakeResponse(SMALL_TEXT[:50].encode(), length=1115394, error=error)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: partial)
+    with pytest.raises(DataError, match="--input PATH"):
+        read_text()
+    assert list(offline.iterdir()) == []
+
+
+def test_download_is_cached(offline, monkeypatch):
+    body = SMALL_TEXT.encode()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(body, len(body)))
+    assert read_text() == SMALL_TEXT
+    assert (offline / "tinyshakespeare.txt").read_bytes() == body and len(list(offline.iterdir())) == 1
+    monkeypatch.setattr(urllib.request, "urlopen", None)  # a second read must not download again
+    assert read_text() == SMALL_TEXT
+
+
+def test_bad_input_files(offline, tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataError, match="nope.txt"):
+        read_text(str(missing))
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        read_text(str(empty))
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("Speak, speak.\nRomeo\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        read_text(str(binary))
+    with pytest.raises(DataError) as e:
+        prepare("shakespeare_word", str(tmp_path / "x"))
+    assert all(name in str(e.value) for name in DATASETS)
+
+
+def test_shakespeare_txt_env_var_is_honoured(offline, monkeypatch, small_input, tmp_path):
+    monkeypatch.setenv("SHAKESPEARE_TXT", str(small_input))
+    assert read_text() == SMALL_TEXT  # no download (urlopen fails in the offline fixture)
+    other = tmp_path / "other.txt"
+    other.write_text("Exeunt.\n", encoding="utf-8")
+    assert read_text(str(other)) == "Exeunt.\n"  # --input beats SHAKESPEARE_TXT
+    monkeypatch.setenv("SHAKESPEARE_TXT", str(tmp_path / "gone.txt"))
+    with pytest.raises(DataError, match="SHAKESPEARE_TXT.*gone.txt"):
+        read_text()
+
+
+def test_tokenizer_names_unknown_characters():
+    tok = Tokenizer({"dataset": "shakespeare_char", "tokenizer": "char", "vocab_size": 4, "chars": "\nabc"})
+    assert tok.encode("cab\n") == [3, 1, 2, 0] and tok.decode([3, 1, 2, 0]) == "cab\n"
+    assert tok.newline_or_eot == 0
+    with pytest.raises(ValueError) as e:
+        tok.encode("abz€")
+    message = str(e.value)
+    assert "'z'" in message and "'€'" in message and "'a'" not in message and "4 characters" in message
+
+
+def test_load_meta_errors(tmp_path):
+    folder = tmp_path / "shakespeare_char"
+    folder.mkdir()
+    with pytest.raises(DataError, match="run python data/shakespeare_char/prepare.py"):
+        load_meta(str(folder))
+    (folder / "meta.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_meta(str(folder))
+
+
+def test_bpe_without_tiktoken_cache_says_what_to_do(monkeypatch):
+    import tiktoken
+
+    def offline_get_encoding(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline_get_encoding)
+    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
+        Tokenizer({"dataset": "shakespeare", "tokenizer": "tiktoken", "encoding": "r50k_base", "vocab_size": 50257})
+
+
+def test_prepare_script_runs_from_another_folder(small_input, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SHAKESPEARE_TXT"}
+    script = str(REPO / "data" / "shakespeare_char" / "prepare.py")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, script, "--input", str(small_input), "--out_dir", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert f"vocab size: {len(set(SMALL_TEXT))}" in run.stdout
+    assert load_meta(str(out))["chars"] == "".join(sorted(set(SMALL_TEXT)))
+    assert os.path.getsize(out / "train.bin") == 2 * int(len(SMALL_TEXT) * 0.9)
+    # a bad --input: exit code 1 and one line on stderr naming the file, no traceback
+    run = subprocess.run([sys.executable, script, "--input", str(tmp_path / "missing.txt"), "--out_dir", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "missing.txt" in run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+# =============================================================================
+# train.py (tiny models, a few iterations, CPU)
+
+VERSES = ["First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
+          "All:\nSpeak, speak.\n\n",
+          "First Citizen:\nYou are all resolved rather to die than to famish?\n\n",
+          "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\nWith bats and clubs?\n\n"]
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    """A small character dataset (about 20k characters of verse) prepared the way train.py expects."""
+    root = tmp_path_factory.mktemp("char")
+    text = "".join(VERSES[i % 4] if i % 7 else VERSES[(i * 3) % 4].upper() for i in range(200))
+    (root / "input.txt").write_text(text)
+    prepare("shakespeare_char", input_path=str(root / "input.txt"), out_dir=str(root / "data"))
+    return str(root / "data")
+
+
+def tiny_run(data_dir, out_dir, **overrides):
+    """Settings for a training run of a few seconds on a CPU."""
+    settings = dict(data_dir=data_dir, out_dir=str(out_dir), device="cpu", n_layer=2, n_head=2, n_embd=32,
+                    block_size=32, batch_size=8, max_iters=6, lr_decay_iters=6, warmup_iters=0, eval_interval=3,
+                    eval_iters=2, log_interval=1, learning_rate=3e-3, sample_tokens=0, predictor_hidden=16)
+    settings.update(overrides)
+    return settings
+
+
+def test_a_few_iterations_lower_the_loss_and_report_everything(char_data, tmp_path, capsys):
+    result = train.main(**tiny_run(char_data, tmp_path, max_iters=40, lr_decay_iters=40, eval_interval=40,
+                                   eval_iters=4, sample_tokens=20, learning_rate=1e-2))
+    out = capsys.readouterr().out
+    first = float(out.split("step 0: train loss ")[1].split(",")[0])
+    assert result["eval"]["train_topk"] < first - 0.5
+    assert {"val_topk", "val_predictor", "predictor_acc"} <= result["eval"].keys()
+    assert "iter 1: loss " in out and "tok/s" in out and "routed 12.5%" in out  # 4 of 32 tokens
+    assert "(causal predictor)" in out and "predictor accuracy" in out
+    assert len(result["sample"]) > 0 and os.path.exists(result["ckpt_path"])
+
+
+def test_dense_baseline_trains_through_the_same_code(char_data, tmp_path, capsys):
+    result = train.main(**tiny_run(char_data, tmp_path, mod_every=0))
+    assert "val_predictor" not in result["eval"]
+    assert "dense baseline" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(char_data, tmp_path):
+    settings = dict(dropout=0.1)  # dropout: the random state must continue exactly too
+    straight = train.main(**tiny_run(char_data, tmp_path / "a", **settings))
+    train.main(**tiny_run(char_data, tmp_path / "b", max_iters=3, **settings))
+    resumed = train.main(**tiny_run(char_data, tmp_path / "b", init_from="resume", **settings))
+    assert resumed["iter_num"] == straight["iter_num"] == 6
+    a = torch.load(straight["ckpt_path"], weights_only=True)
+    b = torch.load(resumed["ckpt_path"], weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 6
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert resumed["eval"] == straight["eval"]
+
+
+def test_checkpoint_is_written_atomically_and_ctrl_c_saves(char_data, tmp_path, monkeypatch):
+    train.main(**tiny_run(char_data, tmp_path, max_iters=3))
+    ckpt_path = tmp_path / "ckpt.pt"
+    before = ckpt_path.read_bytes()
+
+    def crash(obj, path):  # a crash in the middle of writing the checkpoint
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
+    assert ckpt_path.read_bytes() == before  # the last good checkpoint survived
+    monkeypatch.undo()
+
+    real_for_iteration = train.Batches.for_iteration
+
+    def ctrl_c_at_iteration_4(self, it):
+        if it == 4:
+            raise KeyboardInterrupt
+        return real_for_iteration(self, it)
+    monkeypatch.setattr(train.Batches, "for_iteration", ctrl_c_at_iteration_4)
+    result = train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
+    assert result["interrupted"] and result["iter_num"] == 4
+    assert torch.load(ckpt_path, weights_only=True)["iter_num"] == 4
+
+
+def test_bad_checkpoints_get_a_clear_error(char_data, tmp_path):
+    with pytest.raises(train.ConfigError, match="no checkpoint at .*train one first"):
+        train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train.ConfigError, match="not a readable checkpoint"):
+        train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
+    train.main(**tiny_run(char_data, tmp_path / "c", max_iters=3))
+    with pytest.raises(train.ConfigError, match="trained with n_layer=2, not 3"):
+        train.main(**tiny_run(char_data, tmp_path / "c", init_from="resume", n_layer=3))
+
+
+def test_non_finite_loss_stops_without_saving_garbage(char_data, tmp_path):
+    with pytest.raises(SystemExit, match="stopping: .*(non-finite|became)"):
+        train.main(**tiny_run(char_data, tmp_path, learning_rate=1e6, min_lr=0.0, grad_clip=0.0, max_iters=30,
+                              eval_interval=30))
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_config_overrides_are_typed_and_checked():
+    types = train.field_types()
+    assert train.convert("dropout", "0", types["dropout"]) == 0.0  # nanoGPT asserts on --dropout=0
+    assert train.convert("compile", "False", types["compile"]) is False
+    assert train.convert("max_iters", "200", types["max_iters"]) == 200
+    assert train.parse_args(["--max_iters=200", "--dataset=shakespeare"]) == {"max_iters": "200",
+                                                                              "dataset": "shakespeare"}
+    cfg, model = train.resolve_config({"max_iters": "7", "capacity": "0.25"}, "cpu")
+    assert cfg.max_iters == 7 and model["capacity"] == 0.25 and model["n_layer"] == 4  # the CPU preset
+    cfg, model = train.resolve_config({}, "cuda")
+    assert model["n_layer"] == 6 and cfg.batch_size == 64  # nanoGPT's shakespeare_char on a GPU
+    with pytest.raises(train.ConfigError, match=r"unknown setting --max_iter \(did you mean --max_iters\?\)"):
+        train.resolve_config({"max_iter": "3"}, "cpu")
+    with pytest.raises(train.ConfigError, match="--max_iters expects int, got 'ten'"):
+        train.resolve_config({"max_iters": "ten"}, "cpu")
+    with pytest.raises(train.ConfigError, match="--compile expects bool"):
+        train.resolve_config({"compile": "maybe"}, "cpu")
+    with pytest.raises(train.ConfigError, match="write settings as --key=value"):
+        train.parse_args(["max_iters=3"])
+    with pytest.raises(ValueError, match="capacity must be in"):
+        train.main(device="cpu", capacity=0.0, data_dir="no/such/dir")
+
+
+def test_cli_prints_one_line_errors():
+    run = subprocess.run([sys.executable, "train.py", "--n_layers=3"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert run.stderr.strip() == ("error: unknown setting --n_layers (did you mean --n_layer?); the settings are "
+                                  "the fields of TrainConfig in train.py and MoDConfig in mod.py")
+
+
+def test_ddp_two_cpu_processes(char_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    cmd += [f"--{k}={v}" for k, v in tiny_run(char_data, tmp_path, max_iters=3, gradient_accumulation_steps=2,
+                                               eval_interval=3).items()]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "step 3: train loss" in run.stdout and (tmp_path / "ckpt.pt").exists()

@@ -1,0 +1,1 @@
+"""Data preparation for tiny-shakespeare: see data/prepare.py."""

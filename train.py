@@ -1,0 +1,541 @@
+"""
+Train a Mixture-of-Depths model (or the dense baseline) on Shakespeare, characters or GPT-2 BPE.
+
+    python train.py                           # the whole job: prepare data, train, evaluate, save, print a sample
+    python train.py --mod_every=0             # the dense baseline, same everything else
+    python train.py --dataset=shakespeare --max_iters=500 --compile=True
+    python train.py --init_from=resume        # continue out_dir/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node=2 train.py      # several GPUs (or CPU processes) with DDP
+
+From Python (a notebook cell), the same training:
+
+    import train
+    result = train.main(dataset="shakespeare_char", max_iters=200)
+
+Every field of TrainConfig and of mod.MoDConfig can be set as --key=value (or as a keyword of main()).
+Defaults follow the device: nanoGPT's shakespeare_char setting on a GPU, its laptop setting on a CPU.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from data.prepare import DataError, Tokenizer, load_meta, prepare
+from mod import MoDConfig, MoDGPT
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    dataset: str = "shakespeare_char"  # or "shakespeare" (GPT-2 BPE)
+    data_dir: str = ""  # where train.bin/val.bin/meta.json live; "" means data/<dataset>
+    out_dir: str = "out"
+    init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    always_save_checkpoint: bool = True  # False: save only when val loss improves
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    eval_only: bool = False
+    sample_tokens: int = 300  # length of the sample printed at the end (0: none)
+    # data and optimisation
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1  # in total, over all DDP processes
+    max_iters: int = 5000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000  # cosine decay from learning_rate to min_lr over this many iterations
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    # system
+    device: str = ""  # "" picks cuda, then mps, then cpu
+    dtype: str = "auto"  # "auto": bfloat16 on GPUs that support it, float16 (with a GradScaler) on older GPUs, float32 on CPU
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    peak_tflops: float = 0.0  # the device's peak, for MFU; 0 means look it up (known GPUs) or print no MFU
+    seed: int = 1337
+
+
+# nanoGPT's settings for shakespeare_char: config/train_shakespeare_char.py on a GPU, its README's laptop line on a CPU
+GPU_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+                    max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200, log_interval=10)
+CPU_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
+                    max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20, log_interval=1)
+# dense bf16 (float16 for the T4) tensor-core peaks, for MFU
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "T4": 65.0}
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message says which and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# configuration: defaults <- device preset <- checkpoint (resume) <- what the user asked for
+
+
+def parse_args(argv):
+    """['--key=value', ...] -> {key: value as a string}, checked against the known fields."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}: write settings as --key=value, e.g. --max_iters=200")
+        key, value = arg[2:].split("=", 1)
+        overrides[key] = value
+    return overrides
+
+
+def field_types():
+    """Every setting's name -> its type, from TrainConfig and MoDConfig."""
+    return {f.name: f.type for config in (MoDConfig, TrainConfig) for f in fields(config)}
+
+
+def convert(key, value, kind):
+    """Convert one setting to its field's type; strings from the command line are parsed, others checked."""
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)  # --dropout=0 is fine
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}")
+
+
+def resolve_config(overrides, device_type, checkpoint_config=None):
+    """Return (TrainConfig, MoDConfig) from the layers of settings, with one clear error for anything wrong."""
+    types = field_types()
+    for key in overrides:
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting --{key}{hint}; the settings are the fields of TrainConfig "
+                              f"in train.py and MoDConfig in mod.py")
+    asked = {k: convert(k, v, types[k]) for k, v in overrides.items()}
+    settings = dict(GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS)
+    if checkpoint_config is not None:
+        settings.update(checkpoint_config)
+        model_fields = {f.name for f in fields(MoDConfig)} - {"dropout"}
+        for k in sorted(model_fields & asked.keys()):
+            if asked[k] != checkpoint_config[k]:
+                raise ConfigError(f"the checkpoint was trained with {k}={checkpoint_config[k]!r}, not {asked[k]!r}: "
+                                  f"drop --{k} to resume, or train from scratch into another --out_dir")
+    settings.update(asked)
+    train_cfg = TrainConfig(**{f.name: settings[f.name] for f in fields(TrainConfig) if f.name in settings})
+    model_cfg = {f.name: settings[f.name] for f in fields(MoDConfig) if f.name in settings}
+    return train_cfg, model_cfg
+
+
+def check_train_config(cfg):
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+    need(cfg.dataset in ("shakespeare_char", "shakespeare"),
+         f"--dataset must be shakespeare_char or shakespeare, got {cfg.dataset!r}")
+    need(cfg.init_from in ("scratch", "resume"), f"--init_from must be scratch or resume, got {cfg.init_from!r}")
+    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        need(getattr(cfg, name) >= 1, f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
+        need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    need(cfg.learning_rate > 0 and 0 <= cfg.min_lr <= cfg.learning_rate,
+         f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got {cfg.min_lr} and {cfg.learning_rate}")
+    need(cfg.grad_clip >= 0 and cfg.weight_decay >= 0, "--grad_clip and --weight_decay must be >= 0")
+
+
+def pick_device(requested):
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device={requested} but no CUDA GPU is visible: use --device=cpu (or leave it out)")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("--device=mps but MPS is not available here: use --device=cpu (or leave it out)")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested, device):
+    """Mixed precision where it helps and is safe: bf16 needs compute capability >= 8.0 (A100, H100, L4, ...);
+    older GPUs (Colab's T4) get float16 with a GradScaler; CPU and MPS train in float32."""
+    if not device.startswith("cuda"):
+        if requested in ("auto", "float32"):
+            return "float32"
+        raise ConfigError(f"--dtype={requested} is for CUDA GPUs; on {device} use --dtype=float32 (or auto)")
+    bf16_ok = torch.cuda.get_device_capability()[0] >= 8
+    if requested == "auto":
+        return "bfloat16" if bf16_ok else "float16"
+    if requested == "bfloat16" and not bf16_ok:
+        raise ConfigError("this GPU has no fast bfloat16 (compute capability < 8.0): use --dtype=float16 or auto")
+    return requested
+
+
+# -----------------------------------------------------------------------------
+# data: random windows of the token stream, as nanoGPT
+
+
+class Batches:
+    """Random (x, y) windows from train.bin / val.bin. The windows of iteration `it` come from a generator seeded
+    by (seed, rank, it), so a resumed run sees exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, data_dir, block_size, batch_size, device, seed, rank):
+        self.data_dir, self.block_size, self.batch_size = data_dir, block_size, batch_size
+        self.device, self.seed, self.rank = device, seed, rank
+        for split in ("train", "val"):
+            n = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // 2
+            if n <= block_size:
+                raise ConfigError(f"{split}.bin in {data_dir} holds {n} tokens, too few for block_size {block_size}: "
+                                  f"use a smaller --block_size or more text")
+
+    def get(self, split, generator):
+        # re-open the memmap every batch to avoid a memory leak (see nanoGPT's train.py)
+        data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=generator)
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def for_iteration(self, it):
+        return torch.Generator().manual_seed(hash((self.seed, self.rank, it)))
+
+    def for_eval(self):
+        return torch.Generator().manual_seed(self.seed)  # the same eval batches every time: comparable curves
+
+
+def prepare_data(cfg, is_master, ddp):
+    data_dir = cfg.data_dir or os.path.join(HERE, "data", cfg.dataset)
+    needed = [os.path.join(data_dir, f) for f in ("train.bin", "val.bin", "meta.json")]
+    if is_master and not all(os.path.exists(p) for p in needed):
+        if cfg.data_dir:
+            raise ConfigError(f"--data_dir={cfg.data_dir} lacks train.bin/val.bin/meta.json: "
+                              f"run python data/{cfg.dataset}/prepare.py --out_dir={cfg.data_dir}")
+        print(f"preparing {cfg.dataset} in {data_dir} ...")
+        prepare(cfg.dataset, out_dir=data_dir)
+    if ddp:
+        torch.distributed.barrier()
+    return data_dir, load_meta(data_dir)
+
+
+# -----------------------------------------------------------------------------
+# optimiser, schedule, checkpoints
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW with weight decay on matrices (Linear and embedding weights) only, not on biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never destroys the last good checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise ConfigError(f"--init_from=resume but there is no checkpoint at {path}: "
+                          f"train one first (python train.py --out_dir={os.path.dirname(path)})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no pickle code
+        missing = {"model", "optimizer", "model_config", "train_config", "iter_num"} - set(ckpt)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be corrupt or from "
+                          f"another program; delete it or train into another --out_dir") from None
+    if missing:
+        raise ConfigError(f"{path} is not a checkpoint of this train.py (missing {sorted(missing)}): "
+                          f"train into another --out_dir")
+    return ckpt
+
+
+def peak_flops(cfg, device):
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None  # unknown (CPU, MPS, other GPUs): no MFU unless --peak_tflops is given
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, autocast):
+    """LM loss on train and val under top-k routing, val loss under causal predictor routing (the number that holds
+    when sampling), and the predictor's accuracy against top-k. The same batches every time."""
+    model.eval()
+    routed = model.config.mod_every > 0
+    out = {}
+    for split, routing in [("train", "topk"), ("val", "topk")] + ([("val", "predictor")] if routed else []):
+        generator = batches.for_eval()
+        losses, accs = [], []
+        for _ in range(cfg.eval_iters):
+            x, y = batches.get(split, generator)
+            with autocast:
+                model(x, y, routing=routing)
+            losses.append(model.last_stats["lm_loss"].item())
+            accs.append(model.last_stats["predictor_acc"].item())
+        out[f"{split}_{routing}"] = sum(losses) / len(losses)
+        if split == "val" and routing == "topk" and routed:
+            out["predictor_acc"] = sum(accs) / len(accs)
+    model.train()
+    return out
+
+
+def format_eval(it, ev):
+    line = f"step {it}: train loss {ev['train_topk']:.4f}, val loss {ev['val_topk']:.4f}"
+    if "val_predictor" in ev:
+        line += (f" (top-k), val loss {ev['val_predictor']:.4f} (causal predictor), "
+                 f"predictor accuracy {100 * ev['predictor_acc']:.1f}%")
+    return line
+
+
+def main(*configs, **overrides):
+    """Train. `configs`: TrainConfig / MoDConfig objects or dicts of settings, e.g. main(TrainConfig(max_iters=200));
+    keywords override them, e.g. main(max_iters=200, mod_every=0). Returns a dict with the last evaluation, the
+    iteration reached, the checkpoint path and timings."""
+    settings = {}
+    for config in configs:
+        settings.update(config if isinstance(config, dict) else dataclasses.asdict(config))
+    settings.update(overrides)
+
+    # distributed data parallel, when launched by torchrun
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    device = pick_device(str(settings.get("device", "")))
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    is_master = rank == 0
+    device_type = "cuda" if device.startswith("cuda") else device
+
+    try:
+        return _train(settings, device, device_type, ddp, rank, world_size, is_master)
+    finally:
+        if ddp:
+            torch.distributed.destroy_process_group()
+
+
+def _train(settings, device, device_type, ddp, rank, world_size, is_master):
+    out_dir = str(settings.get("out_dir", TrainConfig.out_dir))
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = None
+    if str(settings.get("init_from", "scratch")) == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        checkpoint_config = {**ckpt["train_config"], **ckpt["model_config"], "init_from": "resume",
+                             "out_dir": out_dir}
+        cfg, model_fields = resolve_config(settings, device_type, checkpoint_config)
+    else:
+        cfg, model_fields = resolve_config(settings, device_type)
+    cfg.device = device
+    check_train_config(cfg)
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+                          f"the number of processes ({world_size})")
+    accum_steps = cfg.gradient_accumulation_steps // world_size
+    dtype = pick_dtype(cfg.dtype, device)
+    model_cfg = MoDConfig(**model_fields)  # checks the model settings (ValueError with the fix) before any work
+
+    data_dir, meta = prepare_data(cfg, is_master, ddp)
+    tokenizer = Tokenizer(meta)
+    if ckpt is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"])
+    elif model_cfg.vocab_size != meta["vocab_size"]:
+        raise ConfigError(f"the checkpoint's vocabulary has {model_cfg.vocab_size} tokens but {data_dir} has "
+                          f"{meta['vocab_size']}: resume with the dataset it was trained on")
+
+    torch.manual_seed(cfg.seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = MoDGPT(model_cfg).to(device)
+    optimizer = configure_optimizer(model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}): "
+                              f"train from scratch into another --out_dir") from None
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng_state"])  # dropout continues exactly too
+        if is_master:
+            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+    ckpt = None  # free the memory
+
+    autocast = (nullcontext() if dtype == "float32"
+                else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(device.split(":")[1])]
+                                                          if device_type == "cuda" else None)
+    batches = Batches(data_dir, model_cfg.block_size, cfg.batch_size, device, cfg.seed, rank)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_cfg.block_size
+    flops_per_iter = 3 * raw_model.estimate_flops(model_cfg.block_size)["total"] * tokens_per_iter \
+        / model_cfg.block_size  # forward + backward is about 3x the forward
+    peak = peak_flops(cfg, device)
+    if is_master:
+        os.makedirs(out_dir, exist_ok=True)
+        kind = (f"MoD, capacity {model_cfg.capacity} every {model_cfg.mod_every} blocks, router "
+                f"{model_cfg.router}/{model_cfg.router_weight}" if model_cfg.mod_every else "dense baseline")
+        print(f"{kind}: {raw_model.get_num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, "
+              f"device {device}, {dtype}, {tokens_per_iter:,} tokens per iteration")
+
+    def checkpoint():
+        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(cfg),
+                    iter_num=iter_num, best_val_loss=best_val_loss, rng_state=torch.get_rng_state())
+
+    last_eval, t_start, t_last, ms_per_iter = {}, time.time(), time.time(), []
+    start_iter = iter_num
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                if is_master:
+                    last_eval = evaluate(raw_model, batches, cfg, autocast)
+                    print(format_eval(iter_num, last_eval))
+                    if not all(math.isfinite(v) for v in last_eval.values()):
+                        raise FloatingPointError(f"non-finite evaluation loss at iteration {iter_num}")
+                    val = last_eval.get("val_predictor", last_eval["val_topk"])
+                    if iter_num > start_iter and (val < best_val_loss or cfg.always_save_checkpoint):
+                        best_val_loss = min(best_val_loss, val)
+                        save_checkpoint(ckpt_path, checkpoint())
+                        print(f"saved checkpoint to {ckpt_path}")
+            if iter_num >= cfg.max_iters or cfg.eval_only:
+                break
+
+            # one optimisation step: accum_steps micro-batches, gradients averaged
+            generator = batches.for_iteration(iter_num)
+            for micro_step in range(accum_steps):
+                x, y = batches.get("train", generator)
+                if ddp:  # synchronise gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro_step == accum_steps - 1
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / accum_steps
+                scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+
+            if iter_num % cfg.log_interval == 0 and is_master:
+                total = loss.item() * accum_steps  # a CPU-GPU sync, so only every log_interval iterations
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"the loss became {total} at iteration {iter_num}")
+                stats = raw_model.last_stats
+                lossf = stats["lm_loss"].item()  # the LM loss of the last micro-batch, comparable to eval losses
+                now = time.time()
+                dt = (now - t_last) / cfg.log_interval
+                t_last = now
+                ms_per_iter.append(1000 * dt)
+                line = f"iter {iter_num}: loss {lossf:.4f}, time {1000 * dt:.2f} ms, tok/s {tokens_per_iter / dt:,.0f}"
+                if peak:
+                    line += f", mfu {100 * flops_per_iter / dt / peak:.2f}%"
+                if stats["routed_frac"].numel():
+                    line += (f", routed {100 * stats['routed_frac'].mean().item():.1f}%, "
+                             f"predictor {100 * stats['predictor_acc'].item():.1f}%")
+                print(line)
+    except FloatingPointError as e:
+        raise SystemExit(f"stopping: {e}. The last good checkpoint (if any) is untouched in {ckpt_path}; "
+                         f"try a lower --learning_rate or --dtype=float32") from None
+    except KeyboardInterrupt:
+        if is_master and iter_num > start_iter:
+            save_checkpoint(ckpt_path, checkpoint())
+            print(f"\ninterrupted at iteration {iter_num}: saved {ckpt_path}; continue with --init_from=resume "
+                  f"--out_dir={out_dir}")
+        return dict(iter_num=iter_num, interrupted=True, ckpt_path=ckpt_path, eval=last_eval)
+
+    wall = time.time() - t_start
+    result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=ckpt_path, wall_s=wall,
+                  ms_per_iter=float(np.median(ms_per_iter[1:] or ms_per_iter or [0.0])), interrupted=False)
+    if is_master and cfg.sample_tokens > 0:
+        raw_model.eval()
+        start = torch.tensor([[tokenizer.newline_or_eot]], device=device)
+        with autocast:
+            out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
+        result["sample"] = tokenizer.decode(out[0].tolist())
+        print(f"done in {wall:.0f} s, {result['ms_per_iter']:.1f} ms/iter. A sample (causal predictor routing):")
+        print(result["sample"])
+    return result
+
+
+def cli(argv):
+    try:
+        overrides = parse_args(argv)
+        main(**overrides)
+    except (ConfigError, DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
