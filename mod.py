@@ -83,7 +83,7 @@ class KVCache:
     at a time, so a routed block never holds memory for the tokens that skipped it.
     """
 
-    grow = 16
+    grow = 8
 
     def __init__(self, batch_size, device):
         self.k = None  # (B, slots, n_head, head_size), allocated on the first append
@@ -320,6 +320,7 @@ class MoDGPT(nn.Module):
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
         self.last_stats = {}  # the parts of the last loss, detached, for logging
+        self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -419,6 +420,7 @@ class MoDGPT(nn.Module):
         logits are always those of model(window) for the current window.
         After the call, self.last_routing covers the returned sequence (for tokens processed more than once, the
         latest decision); the last sampled token has not been through the model and reads False.
+        self.last_cache_nbytes holds the bytes of each block's KV cache at the end.
         """
         if routing == "topk":
             raise ValueError("routing='topk' looks at future tokens, so it cannot generate: use 'predictor' "
@@ -463,6 +465,7 @@ class MoDGPT(nn.Module):
             else:
                 logits = run(end - 1, end, cache)
         self.last_routing = seen
+        self.last_cache_nbytes = [layer.nbytes() for layer in cache.layers]  # per block, at the end
         return idx
 
     def estimate_flops(self, T):

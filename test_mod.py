@@ -751,3 +751,89 @@ def test_ddp_two_cpu_processes(char_data, tmp_path):
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "step 3: train loss" in run.stdout and (tmp_path / "ckpt.pt").exists()
+
+
+# =============================================================================
+# sample.py: generation from a checkpoint made here, routing display, agreement report, bad input
+
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def char_checkpoint(char_data, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("char_ckpt")
+    train.main(**tiny_run(char_data, out_dir, max_iters=3))
+    return str(out_dir)
+
+
+def test_sample_from_a_char_checkpoint_with_routing_shown(char_checkpoint, capsys):
+    report = sample.main(out_dir=char_checkpoint, start="First", num_samples=2, max_new_tokens=30,
+                         show_routing=True, color="never", device="cpu")
+    out = capsys.readouterr().out
+    assert len(report["samples"]) == 2 and all(s.startswith("First") and len(s) == 35 for s in report["samples"])
+    assert out.count("\nblock 1") >= 2  # a routing row under each line of each sample
+    assert "tokens/s" in out and "KV cache at the end" in out and "agreement" in out
+    assert report["tokens_per_s"] > 0 and 0 < report["kv_bytes"] < report["dense_kv_bytes"]
+    assert [b["block"] for b in report["blocks"]] == [1]
+    for b in report["blocks"]:
+        assert 0 <= b["agreement"] <= 1 and 0 <= b["precision"] <= 1 and 0 <= b["recall"] <= 1
+
+
+def test_sample_from_a_bpe_checkpoint(tmp_path, capsys):
+    (tmp_path / "input.txt").write_text(SMALL_TEXT * 20, encoding="utf-8")
+    prepare("shakespeare", input_path=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "data"))
+    train.main(**tiny_run(str(tmp_path / "data"), tmp_path / "out", dataset="shakespeare", max_iters=2,
+                          block_size=16, eval_iters=1))
+    report = sample.main(out_dir=str(tmp_path / "out"), start="", num_samples=1, max_new_tokens=10, device="cpu",
+                         show_routing=True, color="always")
+    out = capsys.readouterr().out
+    assert "empty prompt: starting from <|endoftext|>" in out
+    assert report["samples"][0].startswith("<|endoftext|>")
+    assert "\033[48;5;" in out or "routed blocks a token went through" in out  # shaded tokens and the legend
+
+
+def test_routing_display_in_plain_text():
+    pieces = ["a", "b", "\n", "c", "d"]
+    rows = [[True, False, True, False, True], [False, True, False, False, False]]
+    assert sample.render_routing(pieces, rows, [1, 3], color=False) == "\n".join([
+        "         ab",
+        "block 1  ^ ^",  # the newline was routed: its mark sits one past the end of the line
+        "block 3   ^",
+        "         cd",
+        "block 1   ^",
+        "block 3"])
+    shaded = sample.render_routing(pieces, rows, [1, 3], color=True)
+    assert shaded.startswith("\033[48;5;153ma\033[0m")  # routed through one block: the lightest shade
+    assert "\033[48;5;153m\u21b5\n\033[0m" in shaded and "c" in shaded
+
+
+def test_agreement_report_counts_precision_and_recall(char_checkpoint):
+    model, _ = sample.load_model(char_checkpoint, "cpu")
+    idx = torch.randint(0, model.config.vocab_size, (2, 32))
+    block = routed_blocks(model)[0]
+    torch.nn.init.constant_(block.predictor.out.bias, 100.0)  # routes every token: top-k's 4 of 32 are all found
+    stats = sample.topk_agreement(model, idx, "predictor")[0]
+    assert stats["recall"] == 1.0 and stats["precision"] == pytest.approx(4 / 32)
+    assert stats["agreement"] == pytest.approx(4 / 32) and stats["routed"] == 1.0
+    torch.nn.init.constant_(block.predictor.out.bias, -100.0)  # routes nothing
+    stats = sample.topk_agreement(model, idx, "predictor")[0]
+    assert stats["recall"] == 0.0 and stats["precision"] == 0.0 and stats["agreement"] == pytest.approx(28 / 32)
+
+
+def test_sample_bad_input_gets_clear_messages(char_checkpoint, tmp_path, capsys):
+    with pytest.raises(train.ConfigError, match="no checkpoint at .*train one with python train.py"):
+        sample.main(out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="characters not in the vocabulary: '%', '€'"):
+        sample.main(out_dir=char_checkpoint, start="%€", device="cpu")
+    report = sample.main(out_dir=char_checkpoint, start="", num_samples=1, max_new_tokens=5, device="cpu")
+    assert "empty prompt: starting from a newline" in capsys.readouterr().out
+    assert report["samples"][0].startswith("\n")
+    long_prompt = tmp_path / "prompt.txt"
+    long_prompt.write_text("First Citizen:\n" * 10, encoding="utf-8")  # 150 characters, context 32
+    report = sample.main(out_dir=char_checkpoint, start=f"FILE:{long_prompt}", num_samples=1, max_new_tokens=5,
+                         device="cpu")
+    assert "150 tokens, more than the model's context of 32: it sees only the last 32" in capsys.readouterr().out
+    assert len(report["samples"][0]) == 37
+    run = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and run.stderr.startswith("error: no checkpoint at") and "Traceback" not in run.stderr

@@ -445,7 +445,7 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
 
     def checkpoint():
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(cfg),
+                    model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(cfg), meta=meta,
                     iter_num=iter_num, best_val_loss=best_val_loss, rng_state=torch.get_rng_state())
 
     last_eval, t_start, t_last, ms_per_iter = {}, time.time(), time.time(), []

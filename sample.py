@@ -1,0 +1,226 @@
+"""
+Sample from a trained Mixture-of-Depths model and watch causal routing at work.
+
+    python sample.py                                  # 3 samples from out/ckpt.pt, as one batch
+    python sample.py --start="ROMEO:" --show_routing  # which tokens each routed block spent compute on
+    python sample.py --start=FILE:prompt.txt --num_samples=8 --routing=router
+
+While sampling, top-k over the sequence is impossible (it would need the future). Each routed block's predictor
+decides instead, token by token: a token goes through the block when the predictor's logit is > 0, and a token that
+skips the block costs nothing there and stores no keys/values. The report after the samples says how fast that was,
+how much smaller the KV cache is than a dense model's, and how often the predictor agreed with what top-k would have
+chosen on the finished text.
+
+From Python: import sample; report = sample.main(start="ROMEO:", show_routing=True)
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from data.prepare import DataError, Tokenizer
+from mod import MoDBlock, MoDConfig, MoDGPT
+from train import ConfigError, load_checkpoint, pick_device
+
+
+def load_model(out_dir, device):
+    """The model and tokenizer saved by train.py in out_dir/ckpt.pt."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}: train one with python train.py (it writes out/ckpt.pt), "
+                          f"or point --out_dir at the folder that holds ckpt.pt")
+    ckpt = load_checkpoint(path)
+    model = MoDGPT(MoDConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), Tokenizer(ckpt["meta"])
+
+
+def encode_prompt(start, tokenizer, block_size):
+    """The prompt's token ids, and a note for each thing we changed about it."""
+    notes = []
+    if start.startswith("FILE:"):
+        path = start[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the prompt file {path!r} ({e}): give a readable UTF-8 text file") from None
+    ids = tokenizer.encode(start)  # ValueError naming any character the vocabulary lacks
+    if not ids:
+        ids = [tokenizer.newline_or_eot]
+        notes.append("empty prompt: starting from " + ("a newline" if tokenizer.enc is None else "<|endoftext|>"))
+    if len(ids) > block_size:
+        notes.append(f"the prompt has {len(ids)} tokens, more than the model's context of {block_size}: "
+                     f"it sees only the last {block_size}")
+        ids = ids[-block_size:]  # generate() would crop it the same way; we say so
+    return ids, notes
+
+
+# -----------------------------------------------------------------------------
+# what the routing looked like
+
+
+def routed_block_numbers(model):
+    return [i for i, b in enumerate(model.transformer.h) if isinstance(b, MoDBlock)]
+
+
+def render_routing(pieces, rows, names, color):
+    """Text with the routing under it. pieces: each token's text; rows: per routed block, a list of bools per token.
+    Plain: under each line of text, one row per routed block with '^' under the tokens it processed.
+    Colour: each token shaded by how many routed blocks it went through (darker = more compute)."""
+    if color:
+        shades = ["", "\033[48;5;153m", "\033[48;5;111m", "\033[48;5;69m", "\033[48;5;27m"]
+        out = []
+        for t, piece in enumerate(pieces):
+            depth = min(sum(row[t] for row in rows), len(shades) - 1)
+            text = piece.replace("\n", "\u21b5\n") if depth else piece  # show a routed newline
+            out.append(f"{shades[depth]}{text}\033[0m" if depth else text)
+        legend = "  ".join(f"{shades[d]} {d} \033[0m" for d in range(1, min(len(rows), len(shades) - 1) + 1))
+        return "".join(out) + f"\n[routed blocks a token went through: {legend}]"
+
+    width = max(len(f"block {n}") for n in names) + 2
+    lines, text, marks = [], "", [""] * len(rows)
+
+    def flush():
+        lines.append(" " * width + text)
+        lines.extend((f"block {n}".ljust(width) + m).rstrip() for n, m in zip(names, marks))
+
+    for t, piece in enumerate(pieces):
+        for ch in piece:
+            for b, row in enumerate(rows):
+                marks[b] += "^" if row[t] else " "
+            if ch == "\n":  # the newline's mark sits one past the end of its line
+                flush()
+                text, marks = "", [""] * len(rows)
+            else:
+                text += ch
+    if text or any(m.strip() for m in marks):
+        flush()
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def topk_agreement(model, idx, routing):
+    """How often the causal decisions agree with top-k on the finished text, per routed block.
+
+    Runs the model once more over the last block_size tokens with the causal rule, and compares each routed block's
+    decisions with the top-k that its router would have picked from the same inputs (the predictor's target)."""
+    infos = []
+    hooks = [b.register_forward_hook(lambda module, args, out: infos.append(out[1]))
+             for b in model.transformer.h if isinstance(b, MoDBlock)]
+    try:
+        model(idx[:, -model.config.block_size:], routing=routing)
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = []
+    for info in infos:
+        causal, topk = info.processed, info.topk
+        both = (causal & topk).sum().item()
+        stats.append(dict(agreement=(causal == topk).float().mean().item(),
+                          precision=both / max(1, causal.sum().item()),  # routed causally and picked by top-k
+                          recall=both / max(1, topk.sum().item()),  # picked by top-k and routed causally
+                          routed=causal.float().mean().item()))
+    return stats
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8, top_k=200, seed=1337,
+         device="", routing="predictor", show_routing=False, color="auto"):
+    """Generate num_samples samples as one batch; print them, the routing if asked, and a report. Returns the report
+    as a dict (samples, tokens_per_s, kv_bytes, dense_kv_bytes, per-block routing and agreement)."""
+    if routing not in ("predictor", "router"):
+        raise ConfigError(f"--routing must be predictor or router (top-k would need the future), got {routing!r}")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ConfigError("--num_samples and --max_new_tokens must be >= 1")
+    if color not in ("auto", "always", "never"):
+        raise ConfigError(f"--color must be auto, always or never, got {color!r}")
+    device = pick_device(device)
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(out_dir, device)
+    cfg = model.config
+    ids, notes = encode_prompt(start, tokenizer, cfg.block_size)
+    for note in notes:
+        print(f"note: {note}")
+    if routing == "router" and cfg.router_aux_loss == 0 and cfg.mod_every:
+        print("note: this model was trained with router_aux_loss=0, so its router was not taught to be causal; "
+              "--routing=predictor is the reliable choice")
+
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T): one batch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.time()
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, routing=routing)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    routing_seen = model.last_routing  # per block: None or (B, T) bool over the whole returned sequence
+    cache_nbytes = model.last_cache_nbytes
+
+    blocks = routed_block_numbers(model)
+    use_color = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    samples = []
+    for b in range(num_samples):
+        tokens = out[b].tolist()
+        samples.append(tokenizer.decode(tokens))
+        if show_routing and blocks:
+            pieces = [tokenizer.decode([t]) for t in tokens]
+            rows = [routing_seen[n][b].tolist() for n in blocks]
+            print(render_routing(pieces, rows, blocks, use_color))
+        else:
+            print(samples[-1])
+        print("---------------")
+    if show_routing and not blocks:
+        print("(a dense model: every block processes every token, there is no routing to show)")
+
+    report = dict(samples=samples, seconds=seconds, tokens_per_s=num_samples * max_new_tokens / seconds,
+                  kv_bytes=sum(cache_nbytes), dense_kv_bytes=cache_nbytes[0] * cfg.n_layer, blocks=[])
+    # block 0 is always dense, so its cache is what every block of a dense model of the same shape would hold
+    print(f"{num_samples} x {max_new_tokens} tokens in {seconds:.2f} s: {report['tokens_per_s']:.1f} tokens/s "
+          f"({device}, batch {num_samples}, KV cache, {routing} routing)")
+    print(f"KV cache at the end: {report['kv_bytes'] / 1024:.1f} KiB, a dense model of the same shape holds "
+          f"{report['dense_kv_bytes'] / 1024:.1f} KiB ({report['kv_bytes'] / report['dense_kv_bytes']:.2f}x)")
+    if blocks:
+        generated = torch.zeros_like(out, dtype=torch.bool)
+        generated[:, len(ids):-1] = True  # generated tokens that went through the model (not the last one)
+        agreement = topk_agreement(model, out, routing)
+        print(f"routing per block (trained capacity {cfg.capacity:.1%}); agreement with top-k on the last "
+              f"{min(out.size(1), cfg.block_size)} tokens:")
+        for n, stats in zip(blocks, agreement):
+            routed = routing_seen[n][generated].float().mean().item()
+            report["blocks"].append(dict(block=n, routed_while_sampling=routed, **stats))
+            print(f"  block {n}: routed {routed:.1%} of generated tokens; agreement {stats['agreement']:.1%}, "
+                  f"precision {stats['precision']:.1%}, recall {stats['recall']:.1%}")
+    return report
+
+
+def cli(argv):
+    p = argparse.ArgumentParser(description="Sample from a trained MoD model (see the top of sample.py).")
+    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default: out)")
+    p.add_argument("--start", default="\n", help='the prompt, or FILE:path to read it from a file (default: "\\n")')
+    p.add_argument("--num_samples", type=int, default=3, help="samples, generated as one batch (default: 3)")
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--routing", default="predictor", choices=["predictor", "router"],
+                   help="the causal rule: the predictor's logit > 0, or the router's (if trained with router_aux_loss)")
+    p.add_argument("--show_routing", action="store_true", help="show which tokens each routed block processed")
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                   help="shade tokens in colour (auto: when printing to a terminal)")
+    args = p.parse_args(argv)
+    try:
+        main(args.out_dir, args.start, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+             args.seed, args.device, args.routing, args.show_routing, args.color)
+    except (ConfigError, DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
