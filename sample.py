@@ -161,8 +161,8 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     seconds = time.time() - t0
     routing_seen = model.last_routing  # per block: None or (B, T) bool over the whole returned sequence
     cache_nbytes = model.last_cache_nbytes
-
     blocks = routed_block_numbers(model)
+
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     samples = []
     for b in range(num_samples):
@@ -182,7 +182,7 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
                   kv_bytes=sum(cache_nbytes), dense_kv_bytes=cache_nbytes[0] * cfg.n_layer, blocks=[])
     # block 0 is always dense, so its cache is what every block of a dense model of the same shape would hold
     print(f"{num_samples} x {max_new_tokens} tokens in {seconds:.2f} s: {report['tokens_per_s']:.1f} tokens/s "
-          f"({device}, batch {num_samples}, KV cache, {routing} routing)")
+          f"({device}, batch {num_samples}, KV cache, {f'{routing} routing' if blocks else 'dense model'})")
     print(f"KV cache at the end: {report['kv_bytes'] / 1024:.1f} KiB, a dense model of the same shape holds "
           f"{report['dense_kv_bytes'] / 1024:.1f} KiB ({report['kv_bytes'] / report['dense_kv_bytes']:.2f}x)")
     if blocks:

@@ -397,6 +397,8 @@ def test_bad_forward_input_is_a_clear_error():
     cache = model.new_cache(1)
     with pytest.raises(ValueError, match="cannot be used with a cache"):
         model(torch.zeros(1, 4, dtype=torch.long), routing="topk", cache=cache)
+    with pytest.raises(ValueError, match="pass one or the other"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), "predictor", cache)
 
 
 # =============================================================================
@@ -837,3 +839,27 @@ def test_sample_bad_input_gets_clear_messages(char_checkpoint, tmp_path, capsys)
     run = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True,
                          text=True)
     assert run.returncode != 0 and run.stderr.startswith("error: no checkpoint at") and "Traceback" not in run.stderr
+
+
+# =============================================================================
+# bench.py: it runs and reports (what it measures is reported by it, never asserted as timings here)
+
+import bench  # noqa: E402
+
+
+def test_calibrated_predictors_route_the_capacity():
+    model = bench.build(dict(n_layer=4, n_head=2, n_embd=32, block_size=64), 2, "cpu").eval()
+    bench.calibrate_predictors(model, "cpu")
+    idx = torch.randint(0, bench.VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))
+    model(idx, routing="predictor")
+    for routed in model.last_routing[1::2]:
+        assert routed.float().mean().item() == pytest.approx(0.125, abs=0.01)
+
+
+def test_bench_speed_reports_every_measure():
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_cpu=2, batch_gpu=2)
+    text = "\n".join(bench.speed("tiny", shape, "cpu", "float32", False, repeats=1))
+    for measure in ("| train step |", "| generate, batch 1 |", "| generate, batch 8 |", "forward GFLOPs, estimate",
+                    "FlopCounterMode", "KV cache after generating"):
+        assert measure in text
+    assert "MoD/dense **0." in text  # the routed blocks' caches are smaller

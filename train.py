@@ -524,7 +524,8 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
         with autocast:
             out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
         result["sample"] = tokenizer.decode(out[0].tolist())
-        print(f"done in {wall:.0f} s, {result['ms_per_iter']:.1f} ms/iter. A sample (causal predictor routing):")
+        routing = " (causal predictor routing)" if model_cfg.mod_every else ""
+        print(f"done in {wall:.0f} s, {result['ms_per_iter']:.1f} ms/iter. A sample{routing}:")
         print(result["sample"])
     return result
 

@@ -1,0 +1,290 @@
+"""
+Does Mixture-of-Depths pay off? Dense and MoD models of the same shape, measured side by side in one process.
+
+    python bench.py                     # speed: a CPU-sized shape and nanoGPT's shakespeare_char shape
+    python bench.py --quality           # and quality: five short trainings on shakespeare_char (minutes on a CPU)
+    python bench.py --device=cuda --dtype=bfloat16 [--compile]   # the speed part on a GPU
+
+Speed (dense vs MoD at 12.5% capacity on every other block): the two models take turns (A B A B ...) and each figure
+is the median of several repeats, because shared machines are noisy. It reports the training step (forward, backward
+and AdamW), generation tokens/s with the KV cache at batch 1 and 8, forward FLOPs measured by FlopCounterMode next
+to the estimate, and KV-cache bytes. Every speed ratio is shown against its ideal, the FLOP ratio.
+The models are untrained; so that generation routes what a trained predictor routes, each predictor's bias is set
+so that it routes `capacity` of the tokens of a calibration batch.
+
+Quality: trains, on the same data with the same seed, (a) dense, (b) MoD of the same shape for as many iterations
+and (b') for the same wall-clock time, (c) MoD with the dense model's FLOPs per forward pass (more layers: the paper's
+isoFLOP comparison), (d) the random-routing control and (e) MoD with the other router_weight (sigmoid(r) instead of
+raw r); it reports the validation loss under top-k and under causal predictor routing, the predictor's accuracy, and
+time.
+
+The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from mod import MoDBlock, MoDConfig, MoDGPT
+
+SHAPES = {  # model shape and training batch size (the GPU batch of shakespeare_char is nanoGPT's)
+    "cpu (nanoGPT laptop)": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_cpu=12, batch_gpu=12),
+    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_cpu=8, batch_gpu=64),
+}
+VOCAB = 65
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(shape, mod_every, device, seed=0):
+    torch.manual_seed(seed)
+    cfg = MoDConfig(vocab_size=VOCAB, mod_every=mod_every, dropout=0.0,
+                    **{k: v for k, v in shape.items() if not k.startswith("batch")})
+    return MoDGPT(cfg).to(device)
+
+
+@torch.no_grad()
+def calibrate_predictors(model, device, batch=8):
+    """Set each predictor's bias so that, on random tokens, it routes `capacity` of them, block after block (a later
+    block's input depends on what the earlier ones routed). A trained predictor routes about that much."""
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(device)
+    for block in model.transformer.h:
+        if isinstance(block, MoDBlock):
+            seen = []
+            hook = block.register_forward_hook(lambda m, a, out: seen.append(out[1].predictor_logits))
+            model(idx, routing="predictor")
+            hook.remove()
+            block.predictor.out.bias -= torch.quantile(seen[0].float().flatten(), 1 - cfg.capacity)
+
+
+def median_times(fns, repeats, min_seconds=0.3):
+    """Run each function in turn (A B A B ...), repeats times, and return each one's median seconds per call.
+    A fast function is called several times per turn (as many as the slowest one needs to take min_seconds), so that
+    each timing is long enough to rise above the machine's noise."""
+    once = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        once.append(time.perf_counter() - t0)
+    calls = max(1, round(min_seconds / max(once)))
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[i].append((time.perf_counter() - t0) / calls)
+    return [statistics.median(t) for t in times]
+
+
+def measured_flops(model, T, device):
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model(torch.zeros(1, T, dtype=torch.long, device=device))
+    return counter.get_total_flops()
+
+
+def speed(shape_name, shape, device, dtype, compile_, repeats):
+    B = shape["batch_gpu" if device.startswith("cuda") else "batch_cpu"]
+    T = shape["block_size"]
+    autocast = (contextlib.nullcontext() if dtype == "float32"
+                else torch.autocast(device_type="cuda", dtype=getattr(torch, dtype)))
+    models = {"dense": build(shape, 0, device), "MoD": build(shape, 2, device)}
+    rows = {}
+
+    # training step: forward + backward + AdamW on one batch
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (B, T), generator=gen).to(device)
+    y = torch.randint(0, VOCAB, (B, T), generator=gen).to(device)
+    steps = []
+    for name, model in models.items():
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+        fwd = torch.compile(model) if compile_ else model
+
+        def step(fwd=fwd, opt=opt):
+            with autocast:
+                _, loss = fwd(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+        for _ in range(3 if compile_ else 1):  # warm-up (compilation)
+            step()
+        steps.append(step)
+    t_dense, t_mod = median_times(steps, repeats)
+    rows["train step"] = (f"{1000 * t_dense:.1f} ms", f"{1000 * t_mod:.1f} ms", t_dense / t_mod)
+
+    # generation with the KV cache, batch 1 and 8: one token prompt, block_size - 1 new tokens (no re-prefill)
+    calibrate_predictors(models["MoD"], device)
+    routed_frac = {}
+    for batch in (1, 8):
+        calls = []
+        for name, model in models.items():
+            model.eval()
+
+            def generate(model=model, name=name):
+                torch.manual_seed(2)
+                with autocast:
+                    model.generate(torch.zeros(batch, 1, dtype=torch.long, device=device), T - 1)
+                sync(device)
+                if name == "MoD":
+                    routed = [r[:, 1:-1].float().mean().item() for r in model.last_routing if r is not None]
+                    routed_frac[batch] = sum(routed) / len(routed)
+            generate()  # warm-up
+            calls.append(generate)
+        t_dense, t_mod = median_times(calls, repeats)
+        n = batch * (T - 1)
+        rows[f"generate, batch {batch}"] = (f"{n / t_dense:,.0f} tok/s", f"{n / t_mod:,.0f} tok/s", t_dense / t_mod)
+
+    # FLOPs and KV cache (the last generate of each model above: batch 8)
+    est = {name: m.estimate_flops(T) for name, m in models.items()}
+    flop_ratio = est["dense"]["total"] / est["MoD"]["total"]
+    stack = {name: e["blocks_linear"] + e["blocks_attention"] for name, e in est.items()}
+    meas = {name: measured_flops(m, T, device) for name, m in models.items()}
+    kv = {name: sum(m.last_cache_nbytes) for name, m in models.items()}
+    lines = [f"### {shape_name}: {shape['n_layer']} layers, {shape['n_head']} heads, n_embd {shape['n_embd']}, "
+             f"block {T}, train batch {B}",
+             "",
+             "| measure | dense | MoD | dense/MoD | ideal |",
+             "| --- | --- | --- | --- | --- |"]
+    for what, (a, b, ratio) in rows.items():
+        ideal = f"{flop_ratio:.2f}x (FLOPs)"
+        if what == "generate, batch 8":
+            ideal = f"< {flop_ratio:.2f}x (weights read when any row routes)"
+        lines.append(f"| {what} | {a} | {b} | **{ratio:.2f}x** | {ideal} |")
+    lines += [
+        f"| forward GFLOPs, estimate | {est['dense']['total'] / 1e9:.3f} | {est['MoD']['total'] / 1e9:.3f} | "
+        f"{flop_ratio:.2f}x | block stack alone: {stack['dense'] / stack['MoD']:.2f}x |",
+        f"| forward GFLOPs, FlopCounterMode{' (no attention on CPU)' if not device.startswith('cuda') else ''} | "
+        f"{meas['dense'] / 1e9:.3f} | {meas['MoD'] / 1e9:.3f} | {meas['dense'] / meas['MoD']:.2f}x | |",
+        f"| KV cache after generating, batch 8 | {kv['dense'] / 1024:.0f} KiB | {kv['MoD'] / 1024:.0f} KiB | "
+        f"MoD/dense **{kv['MoD'] / kv['dense']:.2f}x** | {est['MoD']['blocks_linear'] / est['dense']['blocks_linear']:.2f}x |",
+        "",
+        f"MoD routed {100 * routed_frac[1]:.1f}% (batch 1) and {100 * routed_frac[8]:.1f}% (batch 8) of generated "
+        f"tokens per routed block (calibrated predictors).",
+        ""]
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# quality: five trainings on shakespeare_char
+
+
+def run_training(label, log_dir, **settings):
+    """train.main with its log in log_dir/<label>.log; returns (result, wall seconds)."""
+    buf = io.StringIO()
+    t0 = time.time()
+    with contextlib.redirect_stdout(buf):
+        result = train.main(out_dir=os.path.join(log_dir, label), sample_tokens=0, **settings)
+    wall = time.time() - t0
+    with open(os.path.join(log_dir, f"{label}.log"), "w") as f:
+        f.write(buf.getvalue())
+    print(f"  {label}: {result['iter_num']} iterations in {wall:.0f} s", file=sys.stderr)
+    return result, wall
+
+
+def quality(device, log_dir, max_iters, eval_iters):
+    base = dict(device=device, max_iters=max_iters, lr_decay_iters=max_iters, eval_iters=eval_iters,
+                eval_interval=max_iters, log_interval=50)
+    _, model_fields = train.resolve_config({"device": device}, "cuda" if device.startswith("cuda") else device)
+    T = model_fields["block_size"]
+    dense_flops = MoDGPT(MoDConfig(**{**model_fields, "mod_every": 0})).estimate_flops(T)["total"]
+
+    # (c) the MoD depth whose forward FLOPs are closest to the dense model's
+    def mod_flops(n_layer):
+        return MoDGPT(MoDConfig(**{**model_fields, "n_layer": n_layer})).estimate_flops(T)["total"]
+    iso_layers = min(range(model_fields["n_layer"], 3 * model_fields["n_layer"]),
+                     key=lambda n: abs(mod_flops(n) - dense_flops))
+
+    runs = {}
+    runs["(a) dense"] = run_training("dense", log_dir, mod_every=0, **base)
+    runs["(b) MoD, same iterations"] = run_training("mod", log_dir, **base)
+    # (b') the same wall-clock time as dense: scale MoD's iterations by the two runs' measured times
+    iters = round(max_iters * runs["(a) dense"][1] / runs["(b) MoD, same iterations"][1])
+    runs["(b') MoD, same wall-clock"] = run_training("mod_same_time", log_dir, **{**base, "max_iters": iters,
+                                                                                  "lr_decay_iters": iters,
+                                                                                  "eval_interval": iters})
+    runs[f"(c) MoD isoFLOP, {iso_layers} layers"] = run_training("mod_isoflop", log_dir, n_layer=iso_layers, **base)
+    runs["(d) random-routing control"] = run_training("random", log_dir, router="random", **base)
+    other = "sigmoid" if MoDConfig(**model_fields).router_weight == "raw" else "raw"  # the default's alternative
+    runs[f"(e) MoD, router_weight={other}"] = run_training(other, log_dir, router_weight=other, **base)
+
+    lines = [f"### quality: shakespeare_char, {model_fields['n_layer']} layers x {model_fields['n_embd']} "
+             f"(dense), {max_iters} iterations unless noted, {eval_iters} eval batches",
+             "",
+             "| run | iterations | forward FLOPs vs dense | val loss (top-k) | val loss (causal predictor) | "
+             "causal gap | predictor accuracy | train time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, (result, wall) in runs.items():
+        ev = result["eval"]
+        layers = iso_layers if "isoFLOP" in label else model_fields["n_layer"]
+        flops = dense_flops if "dense" in label else mod_flops(layers)
+        causal = ev.get("val_predictor")
+        gap = f"{100 * (causal / ev['val_topk'] - 1):+.2f}%" if causal else ""
+        lines.append(f"| {label} | {result['iter_num']} | {flops / dense_flops:.2f}x | {ev['val_topk']:.4f} | "
+                     f"{causal:.4f} | {gap} | {100 * ev['predictor_acc']:.1f}% | {wall:.0f} s |" if causal else
+                     f"| {label} | {result['iter_num']} | 1.00x | {ev['val_topk']:.4f} | | | | {wall:.0f} s |")
+    return lines + [""]
+
+
+def machine(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description="Dense vs MoD, side by side (see the top of bench.py).")
+    p.add_argument("--device", default="", help="cpu or cuda (default: the best available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the models for the training step")
+    p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (the median is reported)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
+    p.add_argument("--quality", action="store_true", help="also run the five trainings (minutes)")
+    p.add_argument("--quality_iters", type=int, default=2000)
+    p.add_argument("--eval_iters", type=int, default=200)
+    p.add_argument("--out", default="bench.md", help="where to write the markdown (default: bench.md)")
+    args = p.parse_args(argv)
+    device = train.pick_device(args.device)
+    if args.dtype != "float32" and not device.startswith("cuda"):
+        raise SystemExit("error: --dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
+    unknown = set(args.shapes.split(",")) - SHAPES.keys()
+    if unknown:
+        raise SystemExit(f"error: unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
+
+    lines = [f"## bench.py on {machine(device)}", "",
+             f"`python bench.py {' '.join(argv)}`".replace(" `", "`"), "",
+             f"dtype {args.dtype}{', torch.compile' if args.compile else ''}, median of {args.repeats} interleaved "
+             f"repeats; MoD: capacity 12.5%, every other block routed.", ""]
+    for name in args.shapes.split(","):
+        print(f"speed: {name} ...", file=sys.stderr)
+        lines += speed(name, SHAPES[name], device, args.dtype, args.compile, args.repeats)
+    if args.quality:
+        print("quality: training five models ...", file=sys.stderr)
+        log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_runs")
+        os.makedirs(log_dir, exist_ok=True)
+        lines += quality(device, log_dir, args.quality_iters, args.eval_iters)
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
