@@ -286,7 +286,8 @@ class MoDBlock(nn.Module):
         w = self.weight(r.gather(1, order)).unsqueeze(-1)  # (B, k, 1)
         delta = torch.where(valid.unsqueeze(-1), w * f, 0.0)  # padding adds nothing
         # the residual is added exactly once: x + w * f at routed positions, x untouched everywhere else
-        return x.scatter_add(1, index, delta), info
+        # (under mixed precision f is bf16/fp16 while the residual stream x stays fp32: scatter_add wants one dtype)
+        return x.scatter_add(1, index, delta.to(x.dtype)), info
 
 
 # -----------------------------------------------------------------------------

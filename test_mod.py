@@ -289,6 +289,17 @@ def test_generate_long_prompt_is_cropped_and_batch_one_works():
     assert sampled.shape == (1, 50) and torch.equal(sampled[:, :45], prompt)
 
 
+def test_mixed_precision_training_and_generation():
+    model = tiny()
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what train.py does on a GPU (bf16 or fp16)
+        logits, loss = model(idx, idx)
+        loss.backward()
+        out = model.generate(idx[:, :5], 40, temperature=0)  # past block_size 32: re-prefill too
+    assert torch.isfinite(loss) and logits.dtype == torch.bfloat16 and out.shape == (2, 45)
+    assert all(p.grad is not None for p in routed_blocks(model)[0].router.parameters())
+
+
 def test_a_block_that_no_token_routes_into_is_skipped_cleanly():
     model = tiny()
     for block in routed_blocks(model):
