@@ -2,7 +2,7 @@
 Does Mixture-of-Depths pay off? Dense and MoD models of the same shape, measured side by side in one process.
 
     python bench.py                     # speed: a CPU-sized shape and nanoGPT's shakespeare_char shape
-    python bench.py --quality           # and quality: five short trainings on shakespeare_char (minutes on a CPU)
+    python bench.py --quality           # and quality: six short trainings on shakespeare_char (minutes on a CPU)
     python bench.py --device=cuda --dtype=bfloat16 [--compile]   # the speed part on a GPU
 
 Speed (dense vs MoD at 12.5% capacity on every other block): the two models take turns (A B A B ...) and each figure
@@ -12,8 +12,8 @@ to the estimate, and KV-cache bytes. Every speed ratio is shown against its idea
 The models are untrained; so that generation routes what a trained predictor routes, each predictor's bias is set
 so that it routes `capacity` of the tokens of a calibration batch.
 
-Quality: trains, on the same data with the same seed, (a) dense, (b) MoD of the same shape for as many iterations
-and (b') for the same wall-clock time, (c) MoD with the dense model's FLOPs per forward pass (more layers: the paper's
+Quality: six trainings on the same data with the same seed: (a) dense, (b) MoD of the same shape for as many
+iterations and (b') for the same training time, (c) MoD with the dense model's FLOPs per forward pass (more layers: the paper's
 isoFLOP comparison), (d) the random-routing control and (e) MoD with the other router_weight (sigmoid(r) instead of
 raw r); it reports the validation loss under top-k and under causal predictor routing, the predictor's accuracy, and
 time.
@@ -182,7 +182,7 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
 
 
 # -----------------------------------------------------------------------------
-# quality: five trainings on shakespeare_char
+# quality: six trainings on shakespeare_char
 
 
 def run_training(label, log_dir, **settings):
@@ -214,9 +214,10 @@ def quality(device, log_dir, max_iters, eval_iters):
     runs = {}
     runs["(a) dense"] = run_training("dense", log_dir, mod_every=0, **base)
     runs["(b) MoD, same iterations"] = run_training("mod", log_dir, **base)
-    # (b') the same wall-clock time as dense: scale MoD's iterations by the two runs' measured times
-    iters = round(max_iters * runs["(a) dense"][1] / runs["(b) MoD, same iterations"][1])
-    runs["(b') MoD, same wall-clock"] = run_training("mod_same_time", log_dir, **{**base, "max_iters": iters,
+    # (b') the same training time as dense: scale MoD's iterations by the two runs' median ms per iteration
+    # (evaluations excluded: MoD evaluates one more thing, the causal predictor loss)
+    iters = round(max_iters * runs["(a) dense"][0]["ms_per_iter"] / runs["(b) MoD, same iterations"][0]["ms_per_iter"])
+    runs["(b') MoD, same training time"] = run_training("mod_same_time", log_dir, **{**base, "max_iters": iters,
                                                                                   "lr_decay_iters": iters,
                                                                                   "eval_interval": iters})
     runs[f"(c) MoD isoFLOP, {iso_layers} layers"] = run_training("mod_isoflop", log_dir, n_layer=iso_layers, **base)
@@ -228,17 +229,18 @@ def quality(device, log_dir, max_iters, eval_iters):
              f"(dense), {max_iters} iterations unless noted, {eval_iters} eval batches",
              "",
              "| run | iterations | forward FLOPs vs dense | val loss (top-k) | val loss (causal predictor) | "
-             "causal gap | predictor accuracy | train time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "causal gap | predictor accuracy | ms/iter | wall time (with evals) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, (result, wall) in runs.items():
         ev = result["eval"]
         layers = iso_layers if "isoFLOP" in label else model_fields["n_layer"]
         flops = dense_flops if "dense" in label else mod_flops(layers)
         causal = ev.get("val_predictor")
         gap = f"{100 * (causal / ev['val_topk'] - 1):+.2f}%" if causal else ""
+        timing = f"{result['ms_per_iter']:.1f} | {wall:.0f} s"
         lines.append(f"| {label} | {result['iter_num']} | {flops / dense_flops:.2f}x | {ev['val_topk']:.4f} | "
-                     f"{causal:.4f} | {gap} | {100 * ev['predictor_acc']:.1f}% | {wall:.0f} s |" if causal else
-                     f"| {label} | {result['iter_num']} | 1.00x | {ev['val_topk']:.4f} | | | | {wall:.0f} s |")
+                     f"{causal:.4f} | {gap} | {100 * ev['predictor_acc']:.1f}% | {timing} |" if causal else
+                     f"| {label} | {result['iter_num']} | 1.00x | {ev['val_topk']:.4f} | | | | {timing} |")
     return lines + [""]
 
 
@@ -256,7 +258,7 @@ def main(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the models for the training step")
     p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (the median is reported)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
-    p.add_argument("--quality", action="store_true", help="also run the five trainings (minutes)")
+    p.add_argument("--quality", action="store_true", help="also run the six trainings (minutes)")
     p.add_argument("--quality_iters", type=int, default=2000)
     p.add_argument("--eval_iters", type=int, default=200)
     p.add_argument("--out", default="bench.md", help="where to write the markdown (default: bench.md)")
@@ -276,7 +278,7 @@ def main(argv):
         print(f"speed: {name} ...", file=sys.stderr)
         lines += speed(name, SHAPES[name], device, args.dtype, args.compile, args.repeats)
     if args.quality:
-        print("quality: training five models ...", file=sys.stderr)
+        print("quality: training six models ...", file=sys.stderr)
         log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_runs")
         os.makedirs(log_dir, exist_ok=True)
         lines += quality(device, log_dir, args.quality_iters, args.eval_iters)

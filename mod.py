@@ -71,6 +71,15 @@ class MoDConfig:
         """Is block i a routed (MoD) block? Every mod_every-th block is, never the first one."""
         return self.mod_every > 0 and i > 0 and (i + 1) % self.mod_every == 0
 
+    def routed_blocks(self):
+        return [i for i in range(self.n_layer) if self.is_routed(i)]
+
+
+def tokens_routed(capacity, T):
+    """k, the number of tokens a routed block processes in a sequence of T tokens: capacity * T, at least one.
+    From the actual T, never from block_size. (The 1e-9 keeps 0.29 * 100 = 28.999... from flooring to 28.)"""
+    return max(1, int(capacity * T + 1e-9))
+
 
 # -----------------------------------------------------------------------------
 # The ordinary transformer block (nanoGPT), and the KV cache used while generating
@@ -81,7 +90,7 @@ class KVCache:
 
     A routed block stores only the tokens routed into it, so the sequences of a batch hold different numbers of
     entries: row b's first lengths[b] slots are real, the rest is unused. The buffer grows on demand, `grow` slots
-    at a time, so a routed block never holds memory for the tokens that skipped it.
+    at a time, to the longest row: a routed block holds memory for max(lengths) tokens per row, not for every token.
     """
 
     grow = 8
@@ -243,9 +252,9 @@ class MoDBlock(nn.Module):
         self.router_weight = config.router_weight
 
     def weight(self, r):
-        # Eq. 1 multiplies by raw r; the paper's figures show weights in [0, 1] (sigmoid). We keep raw r: with it a
-        # token near the routing threshold gets a small weight, so a causal predictor that misroutes it costs little
-        # (bench.py: causal-vs-top-k gap 0.0-0.2% with raw r, 0.7-1.5% with sigmoid, on 3 seeds).
+        # Eq. 1 multiplies by raw r; the paper's figures show weights in [0, 1] (sigmoid). We keep raw r, which
+        # measured better: the causal-vs-top-k loss gap was 0.0-0.24% with raw r and 0.7-1.5% with sigmoid over
+        # 3 seeds (README). With raw r a routed token can get a negative weight.
         return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
 
     def forward(self, x, routing="topk", cache=None):
@@ -256,7 +265,7 @@ class MoDBlock(nn.Module):
         # Expert-choice top-k, per sequence: the k highest-scoring tokens of each row. It looks at the whole
         # sequence, future included, so it is the training rule and the predictor's target, never a sampling rule.
         # With a cache (generation) only the new tokens are here, so a top-k over them would mean nothing: skip it.
-        k = max(1, int(self.capacity * T))  # from the actual T, never from block_size; at least one token
+        k = tokens_routed(self.capacity, T)
         topk = None
         if cache is None:
             scores = torch.randn_like(r) if self.random else r  # the paper's control routes on Gaussian noise
@@ -439,6 +448,8 @@ class MoDGPT(nn.Module):
             raise ValueError("generate needs a (B, T) prompt with T >= 1: start from a newline or end-of-text token")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
         B, T0 = idx.shape
         window = self.config.block_size
         routed = [isinstance(b, MoDBlock) for b in self.transformer.h]
@@ -469,7 +480,7 @@ class MoDGPT(nn.Module):
                 break  # the last token is returned, not fed back
             end = idx.size(1)
             if end - start > window:  # window full: keep its newer half and re-prefill it into fresh caches
-                start = end - window // 2
+                start = end - max(1, window // 2)
                 cache = self.new_cache(B)
                 logits = run(start, end, cache)
             else:
@@ -493,7 +504,7 @@ class MoDGPT(nn.Module):
         for block in self.transformer.h:
             n = T
             if isinstance(block, MoDBlock):
-                n = max(1, int(cfg.capacity * T))
+                n = tokens_routed(cfg.capacity, T)
                 routing += T * (2 * C + 2 * C * H + 2 * H)  # router C -> 1, predictor C -> H -> 1, on every token
             blocks_linear += n * linear_per_token
             blocks_attention += 2 * 2 * n * n * C  # q @ k^T and att @ v over the n tokens the block sees

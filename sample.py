@@ -63,10 +63,6 @@ def encode_prompt(start, tokenizer, block_size):
 # what the routing looked like
 
 
-def routed_block_numbers(model):
-    return [i for i, b in enumerate(model.transformer.h) if isinstance(b, MoDBlock)]
-
-
 def render_routing(pieces, rows, names, color):
     """Text with the routing under it. pieces: each token's text; rows: per routed block, a list of bools per token.
     Plain: under each line of text, one row per routed block with '^' under the tokens it processed.
@@ -161,7 +157,7 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     seconds = time.time() - t0
     routing_seen = model.last_routing  # per block: None or (B, T) bool over the whole returned sequence
     cache_nbytes = model.last_cache_nbytes
-    blocks = routed_block_numbers(model)
+    blocks = cfg.routed_blocks()
 
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     samples = []
@@ -192,10 +188,10 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
         print(f"routing per block (trained capacity {cfg.capacity:.1%}); agreement with top-k on the last "
               f"{min(out.size(1), cfg.block_size)} tokens:")
         for n, stats in zip(blocks, agreement):
-            routed = routing_seen[n][generated].float().mean().item()
+            routed = routing_seen[n][generated].float().mean().item() if generated.any() else 0.0
             report["blocks"].append(dict(block=n, routed_while_sampling=routed, **stats))
-            print(f"  block {n}: routed {routed:.1%} of generated tokens; agreement {stats['agreement']:.1%}, "
-                  f"precision {stats['precision']:.1%}, recall {stats['recall']:.1%}")
+            print(f"  block {n}: routed {routed:.1%} of {int(generated.sum())} generated tokens; agreement "
+                  f"{stats['agreement']:.1%}, precision {stats['precision']:.1%}, recall {stats['recall']:.1%}")
     return report
 
 

@@ -5,7 +5,7 @@ Train a Mixture-of-Depths model (or the dense baseline) on Shakespeare, characte
     python train.py --mod_every=0             # the dense baseline, same everything else
     python train.py --dataset=shakespeare --max_iters=500 --compile=True
     python train.py --init_from=resume        # continue out_dir/ckpt.pt exactly where it stopped
-    torchrun --standalone --nproc_per_node=2 train.py      # several GPUs (or CPU processes) with DDP
+    torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2   # DDP on 2 GPUs (or CPU processes)
 
 From Python (a notebook cell), the same training:
 
@@ -20,9 +20,12 @@ import dataclasses
 import difflib
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -73,8 +76,9 @@ GPU_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2
                     max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200, log_interval=10)
 CPU_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
                     max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20, log_interval=1)
-# dense bf16 (float16 for the T4) tensor-core peaks, for MFU
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "T4": 65.0}
+# dense bf16 (float16 for V100 and T4) tensor-core peaks, for MFU; matched as whole words of the GPU's name
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+               "V100": 125.0, "T4": 65.0}
 
 
 class ConfigError(ValueError):
@@ -173,6 +177,8 @@ def check_train_config(cfg):
 
 def pick_device(requested):
     if requested:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+            raise ConfigError(f"--device={requested} is not a device: use cpu, cuda, cuda:N or mps (or leave it out)")
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device={requested} but no CUDA GPU is visible: use --device=cpu (or leave it out)")
         if requested == "mps" and not torch.backends.mps.is_available():
@@ -276,8 +282,12 @@ def get_lr(it, cfg):
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never destroys the last good checkpoint."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: leave no half-written file behind
+            os.remove(tmp)
 
 
 def load_checkpoint(path):
@@ -302,7 +312,7 @@ def peak_flops(cfg, device):
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
+            if re.search(rf"\b{key}\b", name):  # "NVIDIA A100-SXM4-80GB" is an A100; "NVIDIA A10G" is no A10
                 return tflops * 1e12
     return None  # unknown (CPU, MPS, other GPUs): no MFU unless --peak_tflops is given
 
@@ -311,12 +321,47 @@ def peak_flops(cfg, device):
 # training
 
 
+class CtrlC:
+    """While training, the first Ctrl-C only raises a flag: the loop saves a checkpoint and stops between two
+    iterations, so the checkpoint never holds half an iteration and a resume continues exactly. A second Ctrl-C
+    stops at once, without saving. (Single process only: under DDP every process gets the signal at its own time.)"""
+
+    def __init__(self):
+        self.pressed = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGINT, self.handler)
+        return self
+
+    def handler(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nCtrl-C: saving and stopping after this iteration (press again to stop at once, without saving)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@contextmanager
+def stop_on_bad_loss(ckpt_path):
+    """A NaN/inf loss stops training with one message, before anything is saved."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise SystemExit(f"stopping: {e}. The last good checkpoint (if any) is untouched in {ckpt_path}; "
+                         f"try a lower --learning_rate or --dtype=float32") from None
+
+
 @torch.no_grad()
 def evaluate(model, batches, cfg, autocast):
     """LM loss on train and val under top-k routing, val loss under causal predictor routing (the number that holds
     when sampling), and the predictor's accuracy against top-k. The same batches every time."""
     model.eval()
-    routed = model.config.mod_every > 0
+    routed = bool(model.config.routed_blocks())
     out = {}
     for split, routing in [("train", "topk"), ("val", "topk")] + ([("val", "predictor")] if routed else []):
         generator = batches.for_eval()
@@ -343,12 +388,17 @@ def format_eval(it, ev):
 
 
 def main(*configs, **overrides):
-    """Train. `configs`: TrainConfig / MoDConfig objects or dicts of settings, e.g. main(TrainConfig(max_iters=200));
-    keywords override them, e.g. main(max_iters=200, mod_every=0). Returns a dict with the last evaluation, the
-    iteration reached, the checkpoint path and timings."""
+    """Train. Settings come as keywords, main(max_iters=200, mod_every=0), or as TrainConfig / MoDConfig objects or
+    dicts, main(TrainConfig(max_iters=200), MoDConfig(capacity=0.25)); keywords win. From a config object only the
+    fields that differ from the dataclass defaults count, so the others still follow the device preset.
+    Returns a dict with the last evaluation, the iteration reached, the checkpoint path and timings."""
     settings = {}
     for config in configs:
-        settings.update(config if isinstance(config, dict) else dataclasses.asdict(config))
+        if isinstance(config, dict):
+            settings.update(config)
+        else:
+            settings.update({f.name: getattr(config, f.name) for f in fields(config)
+                             if getattr(config, f.name) != f.default})
     settings.update(overrides)
 
     # distributed data parallel, when launched by torchrun
@@ -362,6 +412,8 @@ def main(*configs, **overrides):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    elif device.startswith("cuda"):
+        torch.cuda.set_device(device)  # "cuda:1" too: capability, name and autocast then refer to that GPU
     is_master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else device
 
@@ -386,8 +438,9 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
     cfg.device = device
     check_train_config(cfg)
     if cfg.gradient_accumulation_steps % world_size:
-        raise ConfigError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
-                          f"the number of processes ({world_size})")
+        raise ConfigError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the total over all "
+                          f"processes and must be a multiple of their number ({world_size}): e.g. "
+                          f"--gradient_accumulation_steps={world_size}")
     accum_steps = cfg.gradient_accumulation_steps // world_size
     dtype = pick_dtype(cfg.dtype, device)
     model_cfg = MoDConfig(**model_fields)  # checks the model settings (ValueError with the fix) before any work
@@ -415,10 +468,15 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
         except (RuntimeError, ValueError, KeyError) as e:
             raise ConfigError(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}): "
                               f"train from scratch into another --out_dir") from None
-        if "scaler" in ckpt and scaler.is_enabled():
+        if ckpt.get("scaler") and scaler.is_enabled():  # empty when it was trained in bf16 or fp32
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["rng_state"])  # dropout continues exactly too
+        if world_size == 1:  # dropout (and the random control) continue exactly
+            torch.set_rng_state(ckpt["rng_state"]["cpu"])
+            if device_type == "cuda" and "cuda" in ckpt["rng_state"]:
+                torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"])
+        else:  # only rank 0's state was saved: give each process a stream of its own
+            torch.manual_seed(hash((cfg.seed, rank, iter_num)))
         if is_master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
     ckpt = None  # free the memory
@@ -433,30 +491,44 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                                                           if device_type == "cuda" else None)
     batches = Batches(data_dir, model_cfg.block_size, cfg.batch_size, device, cfg.seed, rank)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_cfg.block_size
-    flops_per_iter = 3 * raw_model.estimate_flops(model_cfg.block_size)["total"] * tokens_per_iter \
-        / model_cfg.block_size  # forward + backward is about 3x the forward
+    # forward + backward is about 3x the forward; per process, since each GPU is compared with its own peak
+    flops_per_iter = (3 * raw_model.estimate_flops(model_cfg.block_size)["total"] * tokens_per_iter
+                      / model_cfg.block_size / world_size)
     peak = peak_flops(cfg, device)
     if is_master:
         os.makedirs(out_dir, exist_ok=True)
-        kind = (f"MoD, capacity {model_cfg.capacity} every {model_cfg.mod_every} blocks, router "
-                f"{model_cfg.router}/{model_cfg.router_weight}" if model_cfg.mod_every else "dense baseline")
+        kind = (f"MoD, capacity {model_cfg.capacity}, routed blocks {model_cfg.routed_blocks()}, router "
+                f"{model_cfg.router}/{model_cfg.router_weight}" if model_cfg.routed_blocks() else "dense baseline")
         print(f"{kind}: {raw_model.get_num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, "
               f"device {device}, {dtype}, {tokens_per_iter:,} tokens per iteration")
 
-    def checkpoint():
+    def random_state():
+        state = dict(cpu=torch.get_rng_state())
+        if device_type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def checkpoint(rng):  # rng: the random state at the top of iteration iter_num, where a resume starts
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(cfg), meta=meta,
-                    iter_num=iter_num, best_val_loss=best_val_loss, rng_state=torch.get_rng_state())
+                    iter_num=iter_num, best_val_loss=best_val_loss, rng_state=rng)
 
     last_eval, t_start, t_last, ms_per_iter = {}, time.time(), time.time(), []
     start_iter = iter_num
-    try:
+    with (CtrlC() if not ddp else nullcontext()) as ctrl_c, stop_on_bad_loss(ckpt_path):
         while True:
+            rng = random_state()
+            if ctrl_c and ctrl_c.pressed:  # between two iterations: the checkpoint holds whole iterations only
+                if iter_num > start_iter:
+                    save_checkpoint(ckpt_path, checkpoint(rng))
+                    print(f"stopped at iteration {iter_num}: saved {ckpt_path}; continue with --init_from=resume "
+                          f"--out_dir={out_dir}")
+                return dict(iter_num=iter_num, interrupted=True, ckpt_path=ckpt_path, eval=last_eval)
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
                 if is_master:
                     last_eval = evaluate(raw_model, batches, cfg, autocast)
                     print(format_eval(iter_num, last_eval))
@@ -465,8 +537,9 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                     val = last_eval.get("val_predictor", last_eval["val_topk"])
                     if iter_num > start_iter and (val < best_val_loss or cfg.always_save_checkpoint):
                         best_val_loss = min(best_val_loss, val)
-                        save_checkpoint(ckpt_path, checkpoint())
+                        save_checkpoint(ckpt_path, checkpoint(rng))
                         print(f"saved checkpoint to {ckpt_path}")
+                t_last = time.time()  # the next log line times training only
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 break
 
@@ -505,15 +578,6 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                     line += (f", routed {100 * stats['routed_frac'].mean().item():.1f}%, "
                              f"predictor {100 * stats['predictor_acc'].item():.1f}%")
                 print(line)
-    except FloatingPointError as e:
-        raise SystemExit(f"stopping: {e}. The last good checkpoint (if any) is untouched in {ckpt_path}; "
-                         f"try a lower --learning_rate or --dtype=float32") from None
-    except KeyboardInterrupt:
-        if is_master and iter_num > start_iter:
-            save_checkpoint(ckpt_path, checkpoint())
-            print(f"\ninterrupted at iteration {iter_num}: saved {ckpt_path}; continue with --init_from=resume "
-                  f"--out_dir={out_dir}")
-        return dict(iter_num=iter_num, interrupted=True, ckpt_path=ckpt_path, eval=last_eval)
 
     wall = time.time() - t_start
     result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=ckpt_path, wall_s=wall,
@@ -524,7 +588,7 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
         with autocast:
             out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
         result["sample"] = tokenizer.decode(out[0].tolist())
-        routing = " (causal predictor routing)" if model_cfg.mod_every else ""
+        routing = " (causal predictor routing)" if model_cfg.routed_blocks() else ""
         print(f"done in {wall:.0f} s, {result['ms_per_iter']:.1f} ms/iter. A sample{routing}:")
         print(result["sample"])
     return result
