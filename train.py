@@ -513,7 +513,8 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                     model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(cfg), meta=meta,
                     iter_num=iter_num, best_val_loss=best_val_loss, rng_state=rng)
 
-    last_eval, t_start, t_last, ms_per_iter = {}, time.time(), time.time(), []
+    last_eval, t_start, t_last = {}, time.time(), time.time()
+    t_eval = 0.0  # seconds spent evaluating and saving: not training time
     start_iter = iter_num
     with (CtrlC() if not ddp else nullcontext()) as ctrl_c, stop_on_bad_loss(ckpt_path):
         while True:
@@ -529,6 +530,7 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 group["lr"] = lr
 
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+                t0 = time.time()
                 if is_master:
                     last_eval = evaluate(raw_model, batches, cfg, autocast)
                     print(format_eval(iter_num, last_eval))
@@ -540,6 +542,7 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                         save_checkpoint(ckpt_path, checkpoint(rng))
                         print(f"saved checkpoint to {ckpt_path}")
                 t_last = time.time()  # the next log line times training only
+                t_eval += t_last - t0
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 break
 
@@ -570,7 +573,6 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 now = time.time()
                 dt = (now - t_last) / cfg.log_interval
                 t_last = now
-                ms_per_iter.append(1000 * dt)
                 line = f"iter {iter_num}: loss {lossf:.4f}, time {1000 * dt:.2f} ms, tok/s {tokens_per_iter / dt:,.0f}"
                 if peak:
                     line += f", mfu {100 * flops_per_iter / dt / peak:.2f}%"
@@ -580,8 +582,9 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 print(line)
 
     wall = time.time() - t_start
-    result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=ckpt_path, wall_s=wall,
-                  ms_per_iter=float(np.median(ms_per_iter[1:] or ms_per_iter or [0.0])), interrupted=False)
+    ms_per_iter = 1000 * (wall - t_eval) / max(1, iter_num - start_iter)  # training only, the first step included
+    result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=ckpt_path, wall_s=wall, ms_per_iter=ms_per_iter,
+                  interrupted=False)
     if is_master and cfg.sample_tokens > 0:
         raw_model.eval()
         start = torch.tensor([[tokenizer.newline_or_eot]], device=device)
