@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data.prepare as dp
 import train
 from data.prepare import DATASETS, URL, DataError, Tokenizer, load_meta, prepare, read_text
-from mod import Block, MoDBlock, MoDConfig, MoDGPT
+from mod import Block, MoDBlock, MoDConfig, MoDGPT, tokens_routed
 
 REPO = Path(__file__).resolve().parent
 
@@ -121,6 +121,12 @@ def test_topk_routes_exactly_k_tokens_in_sequence_order(B, T, router_weight):
             assert torch.allclose(out[b, chosen], x[b, chosen] + w[:, None] * f, atol=1e-6)
         # tokens routed around the block leave it bit-identical
         assert torch.equal(out[~info.processed], x[~info.processed])
+
+
+def test_k_is_capacity_times_the_actual_length_at_least_one():
+    assert [tokens_routed(0.125, T) for T in (1, 7, 8, 64, 256)] == [1, 1, 1, 8, 32]
+    assert tokens_routed(0.29, 100) == 29  # 0.29 * 100 is 28.999... in floating point
+    assert tokens_routed(1.0, 5) == 5
 
 
 def test_random_router_control_routes_k_tokens_not_the_router_top_k():
@@ -406,6 +412,8 @@ def test_bad_forward_input_is_a_clear_error():
         model.generate(torch.zeros(1, 4, dtype=torch.long), 3, routing="topk")
     with pytest.raises(ValueError, match="start from a newline"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 3, top_k=0)
     cache = model.new_cache(1)
     with pytest.raises(ValueError, match="cannot be used with a cache"):
         model(torch.zeros(1, 4, dtype=torch.long), routing="topk", cache=cache)
@@ -714,6 +722,8 @@ def test_ctrl_c_saves_between_iterations_and_resume_is_exact(char_data, tmp_path
     assert stopped["interrupted"] and stopped["iter_num"] == 6  # iteration 5 was finished, then it stopped
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 6
     monkeypatch.undo()
+    evaluated = train.main(**tiny_run(char_data, tmp_path / "b", init_from="resume", eval_only=True, **settings))
+    assert evaluated["iter_num"] == 6 and "val_predictor" in evaluated["eval"]  # also off an eval boundary
     resumed = train.main(**tiny_run(char_data, tmp_path / "b", init_from="resume", **settings))
     a = torch.load(straight["ckpt_path"], weights_only=True)["model"]
     b = torch.load(resumed["ckpt_path"], weights_only=True)["model"]
@@ -758,6 +768,8 @@ def test_config_overrides_are_typed_and_checked():
         train.resolve_config({"compile": "maybe"}, "cpu")
     with pytest.raises(train.ConfigError, match="write settings as --key=value"):
         train.parse_args(["max_iters=3"])
+    with pytest.raises(train.ConfigError, match="--device=gpu is not a device: use cpu, cuda"):
+        train.pick_device("gpu")
     with pytest.raises(ValueError, match="capacity must be in"):
         train.main(device="cpu", capacity=0.0, data_dir="no/such/dir")
 
