@@ -143,7 +143,7 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     ids, notes = encode_prompt(start, tokenizer, cfg.block_size)
     for note in notes:
         print(f"note: {note}")
-    if routing == "router" and cfg.router_aux_loss == 0 and cfg.mod_every:
+    if routing == "router" and cfg.router_aux_loss == 0 and cfg.routed_blocks():
         print("note: this model was trained with router_aux_loss=0, so its router was not taught to be causal; "
               "--routing=predictor is the reliable choice")
 
