@@ -194,6 +194,8 @@ def run_training(label, log_dir, **settings):
     wall = time.time() - t0
     with open(os.path.join(log_dir, f"{label}.log"), "w") as f:
         f.write(buf.getvalue())
+    if result["interrupted"]:  # Ctrl-C stopped this training: stop the benchmark too
+        raise KeyboardInterrupt
     print(f"  {label}: {result['iter_num']} iterations in {wall:.0f} s", file=sys.stderr)
     return result, wall
 
@@ -214,7 +216,7 @@ def quality(device, log_dir, max_iters, eval_iters):
     runs = {}
     runs["(a) dense"] = run_training("dense", log_dir, mod_every=0, **base)
     runs["(b) MoD, same iterations"] = run_training("mod", log_dir, **base)
-    # (b') the same training time as dense: scale MoD's iterations by the two runs' median ms per iteration
+    # (b') the same training time as dense: scale MoD's iterations by the two runs' ms per iteration
     # (evaluations excluded: MoD evaluates one more thing, the causal predictor loss)
     iters = round(max_iters * runs["(a) dense"][0]["ms_per_iter"] / runs["(b) MoD, same iterations"][0]["ms_per_iter"])
     runs["(b') MoD, same training time"] = run_training("mod_same_time", log_dir, **{**base, "max_iters": iters,

@@ -774,6 +774,27 @@ def test_config_overrides_are_typed_and_checked():
         train.main(device="cpu", capacity=0.0, data_dir="no/such/dir")
 
 
+def test_device_setup(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("RANK", raising=False)
+    assert train.setup_device("") == ("cuda", False, 0, 1) and current == []  # the current GPU, whichever it is
+    assert train.setup_device("cuda:1") == ("cuda:1", False, 0, 1) and current == ["cuda:1"]
+    assert train.setup_device("cpu") == ("cpu", False, 0, 1)
+
+
+def test_config_objects_are_taken_whole(char_data, tmp_path):
+    run = tiny_run(char_data, tmp_path, max_iters=2)
+    train_fields = {k: v for k, v in run.items() if k in train.TrainConfig.__dataclass_fields__}
+    model_fields = {k: v for k, v in run.items() if k in MoDConfig.__dataclass_fields__}
+    result = train.main(train.TrainConfig(**train_fields), MoDConfig(**model_fields, capacity=0.5), seed=7)
+    ckpt = torch.load(result["ckpt_path"], weights_only=True)
+    assert ckpt["model_config"]["capacity"] == 0.5 and ckpt["model_config"]["n_embd"] == 32
+    assert ckpt["model_config"]["dropout"] == 0.0 and ckpt["train_config"]["batch_size"] == 8
+    assert ckpt["train_config"]["seed"] == 7  # keywords win
+
+
 def test_cli_prints_one_line_errors():
     run = subprocess.run([sys.executable, "train.py", "--n_layers=3"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode != 0

@@ -191,6 +191,22 @@ def pick_device(requested):
     return "cpu"
 
 
+def setup_device(requested):
+    """The device to train on, and whether this is one of several DDP processes started by torchrun, with its rank
+    and the number of processes."""
+    device = pick_device(requested)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size = 0, 1
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if ":" in device:  # "cuda:1": make it the current GPU, so capability, name and autocast refer to it
+        torch.cuda.set_device(device)
+    return device, ddp, rank, world_size
+
+
 def pick_dtype(requested, device):
     """Mixed precision where it helps and is safe: bf16 needs compute capability >= 8.0 (A100, H100, L4, ...);
     older GPUs (Colab's T4) get float16 with a GradScaler; CPU and MPS train in float32."""
@@ -335,11 +351,10 @@ class CtrlC:
             self.previous = signal.signal(signal.SIGINT, self.handler)
         return self
 
-    def handler(self, signum, frame):
+    def handler(self, signum, frame):  # only sets the flag: printing here could collide with the loop's printing
         if self.pressed:
             raise KeyboardInterrupt
         self.pressed = True
-        print("\nCtrl-C: saving and stopping after this iteration (press again to stop at once, without saving)")
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -388,35 +403,18 @@ def format_eval(it, ev):
 
 
 def main(*configs, **overrides):
-    """Train. Settings come as keywords, main(max_iters=200, mod_every=0), or as TrainConfig / MoDConfig objects or
-    dicts, main(TrainConfig(max_iters=200), MoDConfig(capacity=0.25)); keywords win. From a config object only the
-    fields that differ from the dataclass defaults count, so the others still follow the device preset.
+    """Train. Settings come as keywords, main(max_iters=200, mod_every=0), which go on top of the device's preset;
+    or as whole TrainConfig / MoDConfig objects or dicts, main(TrainConfig(max_iters=200), MoDConfig(n_layer=4)),
+    whose every field counts (the dataclasses' defaults are nanoGPT's GPU setting); keywords win over both.
     Returns a dict with the last evaluation, the iteration reached, the checkpoint path and timings."""
     settings = {}
     for config in configs:
-        if isinstance(config, dict):
-            settings.update(config)
-        else:
-            settings.update({f.name: getattr(config, f.name) for f in fields(config)
-                             if getattr(config, f.name) != f.default})
+        settings.update(config if isinstance(config, dict) else dataclasses.asdict(config))
     settings.update(overrides)
 
-    # distributed data parallel, when launched by torchrun
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    device = pick_device(str(settings.get("device", "")))
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    elif device.startswith("cuda"):
-        torch.cuda.set_device(device)  # "cuda:1" too: capability, name and autocast then refer to that GPU
+    device, ddp, rank, world_size = setup_device(str(settings.get("device", "")))
     is_master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else device
-
     try:
         return _train(settings, device, device_type, ddp, rank, world_size, is_master)
     finally:
@@ -515,15 +513,16 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
 
     last_eval, t_start, t_last = {}, time.time(), time.time()
     t_eval = 0.0  # seconds spent evaluating and saving: not training time
+    t_warm = None  # (time, t_eval) once the first step is done: ms/iter leaves out that warm-up (and compilation)
     start_iter = iter_num
     with (CtrlC() if not ddp else nullcontext()) as ctrl_c, stop_on_bad_loss(ckpt_path):
         while True:
             rng = random_state()
             if ctrl_c and ctrl_c.pressed:  # between two iterations: the checkpoint holds whole iterations only
+                print(f"\nCtrl-C: stopped at iteration {iter_num}")
                 if iter_num > start_iter:
                     save_checkpoint(ckpt_path, checkpoint(rng))
-                    print(f"stopped at iteration {iter_num}: saved {ckpt_path}; continue with --init_from=resume "
-                          f"--out_dir={out_dir}")
+                    print(f"saved {ckpt_path}; continue with --init_from=resume --out_dir={out_dir}")
                 return dict(iter_num=iter_num, interrupted=True, ckpt_path=ckpt_path, eval=last_eval)
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
@@ -541,8 +540,9 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                         best_val_loss = min(best_val_loss, val)
                         save_checkpoint(ckpt_path, checkpoint(rng))
                         print(f"saved checkpoint to {ckpt_path}")
-                t_last = time.time()  # the next log line times training only
-                t_eval += t_last - t0
+                spent = time.time() - t0
+                t_eval += spent
+                t_last += spent  # the next log line times training only
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 break
 
@@ -563,6 +563,8 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
+            if t_warm is None:
+                t_warm = (time.time(), t_eval)
 
             if iter_num % cfg.log_interval == 0 and is_master:
                 total = loss.item() * accum_steps  # a CPU-GPU sync, so only every log_interval iterations
@@ -582,17 +584,20 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 print(line)
 
     wall = time.time() - t_start
-    ms_per_iter = 1000 * (wall - t_eval) / max(1, iter_num - start_iter)  # training only, the first step included
+    ms_per_iter = 0.0
+    if t_warm is not None and iter_num - start_iter > 1:  # training time per step, after the first one
+        ms_per_iter = 1000 * (time.time() - t_warm[0] - (t_eval - t_warm[1])) / (iter_num - start_iter - 1)
     result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=ckpt_path, wall_s=wall, ms_per_iter=ms_per_iter,
                   interrupted=False)
+    if is_master:
+        print(f"done in {wall:.0f} s, {ms_per_iter:.1f} ms/iter")
     if is_master and cfg.sample_tokens > 0:
         raw_model.eval()
         start = torch.tensor([[tokenizer.newline_or_eot]], device=device)
         with autocast:
             out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=200)
         result["sample"] = tokenizer.decode(out[0].tolist())
-        routing = " (causal predictor routing)" if model_cfg.routed_blocks() else ""
-        print(f"done in {wall:.0f} s, {result['ms_per_iter']:.1f} ms/iter. A sample{routing}:")
+        print("a sample" + (" (causal predictor routing):" if model_cfg.routed_blocks() else ":"))
         print(result["sample"])
     return result
 
