@@ -13,10 +13,10 @@ The models are untrained; so that generation routes what a trained predictor rou
 so that it routes `capacity` of the tokens of a calibration batch.
 
 Quality: six trainings on the same data with the same seed: (a) dense, (b) MoD of the same shape for as many
-iterations and (b') for the same training time, (c) MoD with the dense model's FLOPs per forward pass (more layers: the paper's
-isoFLOP comparison), (d) the random-routing control and (e) MoD with the other router_weight (sigmoid(r) instead of
-raw r); it reports the validation loss under top-k and under causal predictor routing, the predictor's accuracy, and
-time.
+iterations and (b') for the same training time, (c) MoD with the dense model's FLOPs per forward pass (more layers:
+the paper's isoFLOP comparison), (d) the random-routing control and (e) MoD with the other router_weight (sigmoid(r)
+instead of raw r). It reports the validation loss under top-k and under causal predictor routing, the predictor's
+accuracy, and time.
 
 The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
 """
