@@ -173,7 +173,8 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
         f"| forward GFLOPs, FlopCounterMode{' (no attention on CPU)' if not device.startswith('cuda') else ''} | "
         f"{meas['dense'] / 1e9:.3f} | {meas['MoD'] / 1e9:.3f} | {meas['dense'] / meas['MoD']:.2f}x | |",
         f"| KV cache after generating, batch 8 | {kv['dense'] / 1024:.0f} KiB | {kv['MoD'] / 1024:.0f} KiB | "
-        f"MoD/dense **{kv['MoD'] / kv['dense']:.2f}x** | {est['MoD']['blocks_linear'] / est['dense']['blocks_linear']:.2f}x |",
+        f"MoD/dense **{kv['MoD'] / kv['dense']:.2f}x** | "
+        f"{est['MoD']['blocks_linear'] / est['dense']['blocks_linear']:.2f}x |",
         "",
         f"MoD routed {100 * routed_frac[1]:.1f}% (batch 1) and {100 * routed_frac[8]:.1f}% (batch 8) of generated "
         f"tokens per routed block (calibrated predictors).",

@@ -5,7 +5,7 @@ Train a Mixture-of-Depths model (or the dense baseline) on Shakespeare, characte
     python train.py --mod_every=0             # the dense baseline, same everything else
     python train.py --dataset=shakespeare --max_iters=500 --compile=True
     python train.py --init_from=resume        # continue out_dir/ckpt.pt exactly where it stopped
-    torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2   # DDP on 2 GPUs (or CPU processes)
+    torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2   # DDP, 2 GPUs or processes
 
 From Python (a notebook cell), the same training:
 
@@ -65,7 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     # system
     device: str = ""  # "" picks cuda, then mps, then cpu
-    dtype: str = "auto"  # "auto": bfloat16 on GPUs that support it, float16 (with a GradScaler) on older GPUs, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 + GradScaler on older GPUs, float32 on CPU
     compile: bool = False  # torch.compile the model (worth it on a GPU)
     peak_tflops: float = 0.0  # the device's peak, for MFU; 0 means look it up (known GPUs) or print no MFU
     seed: int = 1337
