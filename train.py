@@ -416,10 +416,15 @@ def main(*configs, **overrides):
     is_master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else device
     try:
-        return _train(settings, device, device_type, ddp, rank, world_size, is_master)
-    finally:
+        result = _train(settings, device, device_type, ddp, rank, world_size, is_master)
+    except BaseException:
         if ddp:
             torch.distributed.destroy_process_group()
+        raise
+    if ddp:  # wait for every process (rank 0 evaluates and saves last) before tearing the group down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def _train(settings, device, device_type, ddp, rank, world_size, is_master):
