@@ -5,7 +5,7 @@ Raposo et al., "Mixture-of-Depths: Dynamically allocating compute in transformer
 arXiv 2404.02258 (2024). Read top to bottom:
 
   CausalSelfAttention, MLP, Block   an ordinary GPT-2 block; Block.update(x) is the block's f(x)
-  KVCache                           keys/values of one block during generation, per sequence
+  to_host, KVCache                  the one host-device sync; keys/values of one block during generation
   Router                            r_i = w^T x_i, one scalar score per token (section 3.1)
   Predictor                         small MLP on stop-gradient(x) guessing top-k membership (section 3.5)
   MoDBlock                          top-k routing around a Block, Eq. 1
@@ -16,6 +16,7 @@ Shapes: B batch, T sequence length, C n_embd, k tokens a routed block processes 
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,14 +53,20 @@ class MoDConfig:
                 raise ValueError(f"MoDConfig: {message}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "predictor_hidden"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        for name in ("dropout", "capacity", "router_aux_loss"):  # "0.5" (a string) or True is no number
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 f"{name} must be a number, got {value!r}")
+        need(isinstance(self.bias, bool), f"bias must be True or False, got {self.bias!r}")
         need(self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change one of them")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         need(0.0 < self.capacity <= 1.0,
              f"capacity must be in (0, 1] (the fraction of tokens a routed block processes; "
              f"the paper's best is 0.125), got {self.capacity!r}")
-        need(isinstance(self.mod_every, int) and self.mod_every >= 0,
+        need(isinstance(self.mod_every, int) and not isinstance(self.mod_every, bool) and self.mod_every >= 0,
              f"mod_every must be an integer >= 0 (2 routes every other block, 0 gives the dense baseline), "
              f"got {self.mod_every!r}")
         need(self.router_weight in ("sigmoid", "raw"),
@@ -77,7 +84,9 @@ class MoDConfig:
 
 def tokens_routed(capacity, T):
     """k, the number of tokens a routed block processes in a sequence of T tokens: capacity * T, at least one.
-    From the actual T, never from block_size. (The 1e-9 keeps 0.29 * 100 = 28.999... from flooring to 28.)"""
+    From the actual T, never from block_size. (The 1e-9 keeps 0.29 * 100 = 28.999... from flooring to 28.)
+    At least one means that short sequences route more than the capacity: at 12.5%, every T < 8 routes one token,
+    which is 100% of a one-token sequence. Training uses T = block_size, so this only matters for short inputs."""
     return max(1, int(capacity * T + 1e-9))
 
 
@@ -85,49 +94,67 @@ def tokens_routed(capacity, T):
 # The ordinary transformer block (nanoGPT), and the KV cache used while generating
 
 
+def to_host(t):
+    """A small tensor's values as Python numbers. On a GPU this is a host-device sync: Python waits until the GPU
+    has computed everything queued before it. The training step never calls it; cached generation calls it once per
+    routed block per step (see MoDBlock), and the tests count the calls."""
+    return t.tolist()
+
+
 class KVCache:
     """Keys and values that one block has stored during generation, for every sequence of the batch.
 
-    A routed block stores only the tokens routed into it, so the sequences of a batch hold different numbers of
-    entries: row b's first lengths[b] slots are real, the rest is unused. The buffer grows on demand, `grow` slots
-    at a time, to the longest row: a routed block holds memory for max(lengths) tokens per row, not for every token.
+    A dense block stores every token, so its rows all hold the same number of entries and its buffer is allocated
+    once, for max_len tokens. A routed block stores only the tokens routed into it, so its rows hold different
+    numbers of entries (row b's first lengths[b] slots are real, the rest is unused); its buffer starts small and
+    grows by a quarter when full, so it holds memory for about as many tokens as its longest row, and growing it
+    copies each entry only a few times in all (geometric growth), not once per new token.
+
+    The lengths are kept twice: on the model's device, for the attention mask, and on the host, to size the buffer
+    without asking the GPU (each question would be a host-device sync).
     """
 
-    grow = 8
-
-    def __init__(self, batch_size, device):
+    def __init__(self, batch_size, max_len, routed, device):
+        self.max_len, self.routed = max_len, routed
         self.k = None  # (B, slots, n_head, head_size), allocated on the first append
         self.v = None
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.host_lengths = [0] * batch_size  # the same numbers, as Python ints
 
-    def append(self, k, v, valid):
-        """Store the new keys/values of the real tokens; return everything the new queries may attend to.
+    def append(self, k, v, valid=None, counts=None):
+        """Store the new keys/values; return everything the new queries may attend to.
 
-        k, v: (B, t, nh, hs) for t new tokens per row; valid: (B, t) bool, True for real tokens, which come first
-        in each row (the rest is padding, see MoDBlock). Returns keys and values (B, S, nh, hs) and a mask
+        k, v: (B, t, nh, hs) for t new tokens per row. For a routed block, valid (B, t) bool marks the real tokens,
+        which come first in each row (the rest is padding, see MoDBlock), and counts lists each row's number of real
+        tokens on the host; None means all t tokens are real. Returns keys and values (B, S, nh, hs) and a mask
         (B, t, S): new token i of row b sees the row's old entries and the new ones up to itself.
         """
         B, t, nh, hs = k.shape
-        start = self.lengths  # (B,) where each row's new entries go
-        new_lengths = start + valid.sum(1)
-        S = int(new_lengths.max())
-        if self.k is None or self.k.size(1) < S:  # grow the buffer to the next multiple of `grow` slots
-            slots = math.ceil(S / self.grow) * self.grow
-            old = 0 if self.k is None else self.k.size(1)
-            # zeros (not empty) so that padding queries, whose output is thrown away, never read NaN garbage
+        counts = [t] * B if counts is None else counts
+        S = max(self.host_lengths) + t  # every row writes its t new tokens right after its own entries
+        if self.k is None or self.k.size(1) < S:
+            # a dense block's final length is known; a routed block's buffer grows by a quarter (and 8 slots)
+            slots = self.max_len if not self.routed else min(self.max_len, S + S // 4 + 8)
+            # zeros (not empty): a masked slot still enters attention as 0 * value, and 0 * NaN garbage is NaN
             k_buf, v_buf = (k.new_zeros(B, slots, nh, hs) for _ in range(2))
-            if old:
+            if self.k is not None:
+                old = self.k.size(1)
                 k_buf[:, :old], v_buf[:, :old] = self.k, self.v
             self.k, self.v = k_buf, v_buf
-        rows, i = valid.nonzero(as_tuple=True)  # write only the real tokens: skipped ones leave no trace
-        self.k[rows, start[rows] + i] = k[rows, i]
-        self.v[rows, start[rows] + i] = v[rows, i]
-        self.lengths = new_lengths
-        query_pos = start[:, None] + torch.arange(t, device=k.device)  # (B, t) slot of each new token
-        visible = torch.arange(S, device=k.device)[None, None, :] <= query_pos[:, :, None]  # (B, t, S)
+        # Write all t tokens of row b to slots lengths[b], lengths[b] + 1, ... The real ones land where they belong;
+        # the padding lands past the row's new end, where no query can see it and the row's next real token will
+        # overwrite it. Writing it beats picking out the real tokens, which would need their positions on the host.
+        slot = self.lengths[:, None] + torch.arange(t, device=k.device)  # (B, t) where each new token goes
+        row = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        self.k[row, slot] = k
+        self.v[row, slot] = v
+        self.lengths = self.lengths + (t if valid is None else valid.sum(1))
+        self.host_lengths = [n + c for n, c in zip(self.host_lengths, counts)]
+        visible = torch.arange(S, device=k.device)[None, None, :] <= slot[:, :, None]  # (B, t, S)
         return self.k[:, :S], self.v[:, :S], visible
 
     def nbytes(self):
+        """Bytes of memory this cache holds (its buffers, including the unused slots)."""
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
@@ -141,9 +168,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
 
-    def forward(self, x, cache=None, valid=None):
+    def forward(self, x, cache=None, valid=None, counts=None):
         # x: (B, t, C). Without a cache, plain causal attention over these t tokens. With a cache (generation),
-        # the t new tokens also attend to the ones stored before; valid (B, t) says which new tokens are real.
+        # the t new tokens also attend to the ones stored before; valid and counts say which new tokens are real
+        # (KVCache.append).
         B, t, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (z.view(B, t, self.n_head, C // self.n_head) for z in (q, k, v))  # (B, t, nh, hs)
@@ -152,9 +180,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.attn_dropout if self.training else 0.0)
         else:
-            if valid is None:
-                valid = torch.ones(B, t, dtype=torch.bool, device=x.device)
-            k, v, visible = cache.append(k, v, valid)  # (B, S, nh, hs), (B, t, S)
+            k, v, visible = cache.append(k, v, valid, counts)  # (B, S, nh, hs), (B, t, S)
             q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, nh, ., hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
         y = y.transpose(1, 2).contiguous().view(B, t, C)  # re-assemble all head outputs side by side
@@ -175,7 +201,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A GPT-2 block. Written as x + f(x) so that MoD can scale f, the block's update, on its own (Eq. 1)."""
+    """A GPT-2 block. forward is nanoGPT's, two residual adds; update is the same arithmetic written as f(x), the
+    block's update on its own, which a routed block scales before adding it to the residual stream (Eq. 1)."""
 
     def __init__(self, config):
         super().__init__()
@@ -184,14 +211,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def update(self, x, cache=None, valid=None):
-        # f(x) = a + m: the same arithmetic as nanoGPT's x = x + attn(..); x = x + mlp(..), minus the input
-        a = self.attn(self.ln_1(x), cache, valid)
+    def forward(self, x, cache=None):  # a dense block: x + f(x) without f as a tensor of its own
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+    def update(self, x, cache=None, valid=None, counts=None):
+        # f(x) = a + m, so that x + f(x) is forward(x) up to rounding; it costs one more add than forward
+        a = self.attn(self.ln_1(x), cache, valid, counts)
         m = self.mlp(self.ln_2(x + a))
         return a + m
-
-    def forward(self, x, cache=None):
-        return x + self.update(x, cache)
 
 
 # -----------------------------------------------------------------------------
@@ -205,8 +233,12 @@ class Router(nn.Module):
         super().__init__()
         self.proj = nn.Linear(config.n_embd, 1, bias=False)
 
-    def forward(self, x):  # (B, T, C) -> (B, T) router logits
-        return self.proj(x).squeeze(-1)
+    def forward(self, x):  # (B, T, C) -> (B, T) router logits, in fp32
+        # Top-k compares scores across the sequence. In bf16 (8 significant bits) close scores round to exact ties
+        # and the chosen tokens would depend on the dtype, so the router computes in fp32 even under autocast (as
+        # mixture-of-experts routers do). It is one C -> 1 projection: the cost is negligible.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.proj(x.float()).squeeze(-1)
 
 
 class Predictor(nn.Module):
@@ -220,8 +252,9 @@ class Predictor(nn.Module):
         self.gelu = nn.GELU()
         self.out = nn.Linear(config.predictor_hidden, 1)
 
-    def forward(self, x):  # (B, T, C) -> (B, T) logits; > 0 means "route this token"
-        return self.out(self.gelu(self.fc(x.detach()))).squeeze(-1)  # detach(): the stop-gradient
+    def forward(self, x):  # (B, T, C) -> (B, T) logits in fp32 (as the Router's); > 0 means "route this token"
+        with torch.autocast(x.device.type, enabled=False):
+            return self.out(self.gelu(self.fc(x.detach().float()))).squeeze(-1)  # detach(): the stop-gradient
 
 
 @dataclass
@@ -262,41 +295,51 @@ class MoDBlock(nn.Module):
         r = self.router(x)  # (B, T)
         p = self.predictor(x)  # (B, T)
 
+        # The paper's control routes on "router weights sampled from a Gaussian": the noise picks the tokens and
+        # is also their weight, so the control learns neither which tokens deserve the block nor how much.
+        scores = torch.randn_like(r) if self.random else r  # (B, T)
+
         # Expert-choice top-k, per sequence: the k highest-scoring tokens of each row. It looks at the whole
         # sequence, future included, so it is the training rule and the predictor's target, never a sampling rule.
         # With a cache (generation) only the new tokens are here, so a top-k over them would mean nothing: skip it.
-        k = tokens_routed(self.capacity, T)
         topk = None
         if cache is None:
-            scores = torch.randn_like(r) if self.random else r  # the paper's control routes on Gaussian noise
-            topk = torch.zeros_like(r, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)  # (B, T)
+            k = tokens_routed(self.capacity, T)
+            chosen = scores.topk(k, dim=1).indices  # (B, k), in score order
+            topk = torch.zeros_like(r, dtype=torch.bool).scatter_(1, chosen, True)  # (B, T)
 
         if routing == "topk":
             processed = topk
-        elif routing == "predictor":  # causal: each token decides alone, from its own predictor logit
-            processed = p > 0
-            k = int(processed.sum(1).max())  # rows route different numbers of tokens; shorter rows get padding
-        else:  # "router": causal once the router has been trained with router_aux_loss
-            processed = r > 0
-            k = int(processed.sum(1).max())
-        info = RoutingInfo(r, p, topk, processed)
-        if k == 0:
-            return x, info  # no row routes anything here: skip the block (an empty attention would be NaN)
+            # sorted back into sequence order, so the causal mask inside the block stays causal
+            order = chosen.sort(dim=1).values  # (B, k)
+            valid = counts = None  # every row routes exactly k tokens: no padding
+        else:
+            # causal: each token decides alone, from its own logit: the predictor's, or the router's once it has
+            # been trained with router_aux_loss. Rows route different numbers of tokens, and the tensor shapes
+            # depend on those numbers, so Python must know them: this is the one host-device sync of a routed
+            # block. It buys the saving itself: a block that no row routes into is skipped, and the others run
+            # on max(counts) tokens per row instead of T.
+            processed = (p if routing == "predictor" else r) > 0  # (B, T)
+            counts = to_host(processed.sum(1))  # (B,) on the host
+            k = max(counts)
+            if k == 0:  # no row routes anything here: skip the block (an empty attention would be NaN)
+                return x, RoutingInfo(r, p, topk, processed)
+            # The routed positions of each row, first and in sequence order (a stable sort of the 0/1 mask), then
+            # padding up to k with some of its other tokens: the padding sits after every real token, so no real
+            # query can see it, and its result is thrown away.
+            order = processed.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+            valid = processed.gather(1, order)  # (B, k) True for real tokens
 
-        # Gather the routed tokens of each row into a (B, k, C) tensor, in sequence order (a stable sort puts the
-        # routed positions first, in their original order), so the causal mask inside the block stays causal.
-        # In the causal modes a row that routes fewer than k tokens is padded with some of its other tokens; the
-        # padding sits after every real token, so no real query can see it, and its result is thrown away.
-        order = processed.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
-        valid = processed.gather(1, order)  # (B, k) True for real tokens
+        # Gather the routed tokens of each row into a (B, k, C) tensor, run the block on them alone, and add the
+        # weighted update back at their positions: Eq. 1.
         index = order.unsqueeze(-1).expand(B, k, C)
         x_routed = x.gather(1, index)  # (B, k, C)
-        f = self.block.update(x_routed, cache, valid)  # (B, k, C): attention + MLP on the routed tokens only
-        w = self.weight(r.gather(1, order)).unsqueeze(-1)  # (B, k, 1)
-        delta = torch.where(valid.unsqueeze(-1), w * f, 0.0)  # padding adds nothing
+        f = self.block.update(x_routed, cache, valid, counts)  # (B, k, C): attention + MLP on the routed tokens
+        w = self.weight(scores.gather(1, order)).unsqueeze(-1)  # (B, k, 1)
+        delta = w * f if valid is None else torch.where(valid.unsqueeze(-1), w * f, 0.0)  # padding adds nothing
         # the residual is added exactly once: x + w * f at routed positions, x untouched everywhere else
         # (under mixed precision f is bf16/fp16 while the residual stream x stays fp32: scatter_add wants one dtype)
-        return x.scatter_add(1, index, delta.to(x.dtype)), info
+        return x.scatter_add(1, index, delta.to(x.dtype)), RoutingInfo(r, p, topk, processed)
 
 
 # -----------------------------------------------------------------------------
@@ -304,10 +347,12 @@ class MoDBlock(nn.Module):
 
 
 class Cache:
-    """Generation state: one KVCache per block and `pos`, the number of tokens the cache has seen so far."""
+    """Generation state: one KVCache per block and `pos`, the number of tokens the cache has seen so far (at most
+    max_len)."""
 
-    def __init__(self, n_layer, batch_size, device):
-        self.layers = [KVCache(batch_size, device) for _ in range(n_layer)]
+    def __init__(self, config, batch_size, max_len, device):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.layers = [KVCache(batch_size, max_len, config.is_routed(i), device) for i in range(config.n_layer)]
         self.pos = 0
 
 
@@ -335,6 +380,7 @@ class MoDGPT(nn.Module):
         self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
         self.last_stats = {}  # the parts of the last loss, detached, for logging
         self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
+        self.warned_router = False  # routing="router" without router_aux_loss warns once (see _check_input)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -350,19 +396,32 @@ class MoDGPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def new_cache(self, batch_size):
-        return Cache(self.config.n_layer, batch_size, self.lm_head.weight.device)
+    def new_cache(self, batch_size, max_len=None):
+        """An empty Cache for batch_size sequences of up to max_len tokens (default and at most: block_size)."""
+        max_len = self.config.block_size if max_len is None else max_len
+        if not (isinstance(batch_size, int) and batch_size >= 1 and isinstance(max_len, int)
+                and 1 <= max_len <= self.config.block_size):
+            raise ValueError(f"new_cache needs batch_size >= 1 and 1 <= max_len <= block_size "
+                             f"({self.config.block_size}), got {batch_size!r} and {max_len!r}")
+        return Cache(self.config, batch_size, max_len, self.lm_head.weight.device)
 
-    def forward(self, idx, targets=None, routing="topk", cache=None):
-        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, with targets, the training loss:
+    def forward(self, idx, targets=None, routing="topk", cache=None, check_input=True):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, with targets (B, T), the training loss:
         LM cross-entropy + the predictor's BCE + router_aux_loss * the router's BCE (parts in self.last_stats).
+        Targets of -1 are ignored.
 
         routing: "topk" (training; looks ahead in the sequence), "predictor" or "router" (causal).
         cache: a Cache from new_cache() to continue a sequence token by token (causal routing only).
+        check_input: also check that every token id (and target) is in range, with a clear error if not. Reading
+        the ids costs a host-device sync on a GPU and a graph break under torch.compile, so train.py, which checks
+        its data once when it loads it, passes False, and so does generate() after checking the prompt. Shapes,
+        dtypes and lengths are always checked: that costs nothing.
         """
+        self._check_input(idx, targets, routing, cache)
+        if check_input:
+            self._check_values(idx, targets)
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
-        self._check_input(idx, targets, routing, start + T, cache)
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         infos = []  # one RoutingInfo per routed block
@@ -386,45 +445,77 @@ class MoDGPT(nn.Module):
         return logits, loss
 
     def _loss(self, logits, targets, infos):
-        if targets.shape != logits.shape[:2]:
-            raise ValueError(f"targets must have the shape of idx {tuple(logits.shape[:2])}, "
-                             f"got {tuple(targets.shape)}")
-        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        # reshape, not view: targets may be a slice such as idx[:, 1:], which is not contiguous
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         predictor_loss = router_loss = predictor_acc = lm_loss.new_zeros(())  # a dense model has no routing
         routed_frac = lm_loss.new_zeros(0)
         if infos:
             # Each target row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled)
-            predictor_loss = torch.stack([F.binary_cross_entropy_with_logits(i.predictor_logits, i.topk.float())
-                                          for i in infos]).mean()
-            router_loss = torch.stack([F.binary_cross_entropy_with_logits(i.router_logits, i.topk.float())
-                                       for i in infos]).mean()
-            predictor_acc = torch.stack([((i.predictor_logits > 0) == i.topk).float().mean()
-                                         for i in infos]).mean()
-            routed_frac = torch.stack([i.processed.float().mean() for i in infos])  # one entry per routed block
-        loss = lm_loss + predictor_loss + self.config.router_aux_loss * router_loss
+            targets_topk = [i.topk.float() for i in infos]
+            predictor_loss = torch.stack([F.binary_cross_entropy_with_logits(i.predictor_logits, t)
+                                          for i, t in zip(infos, targets_topk)]).mean()
+            router_loss = torch.stack([F.binary_cross_entropy_with_logits(i.router_logits, t)
+                                       for i, t in zip(infos, targets_topk)]).mean()
+            with torch.no_grad():  # statistics for the log
+                predictor_acc = torch.stack([((i.predictor_logits > 0) == i.topk).float().mean()
+                                             for i in infos]).mean()
+                routed_frac = torch.stack([i.processed.float().mean() for i in infos])  # per routed block
+        loss = lm_loss + predictor_loss
+        if self.config.router_aux_loss > 0:  # the paper's method 1; otherwise the router's BCE is only logged
+            loss = loss + self.config.router_aux_loss * router_loss
         self.last_stats = dict(
             lm_loss=lm_loss.detach(), predictor_loss=predictor_loss.detach(), router_loss=router_loss.detach(),
-            predictor_acc=predictor_acc.detach(), routed_frac=routed_frac.detach(),
+            predictor_acc=predictor_acc, routed_frac=routed_frac,
         )
         return loss
 
-    def _check_input(self, idx, targets, routing, length, cache):
+    def _check_input(self, idx, targets, routing, cache):
+        """Shapes, dtypes, lengths and modes: metadata only, free on any device."""
         if routing not in ROUTING_MODES:
             raise ValueError(f"unknown routing {routing!r}: use one of {', '.join(ROUTING_MODES)}")
-        if cache is not None and routing == "topk":
-            raise ValueError("routing='topk' looks at future tokens and cannot be used with a cache: "
-                             "generate with routing='predictor' (or 'router')")
-        if cache is not None and targets is not None:
-            raise ValueError("targets are for training and a cache is for generation: pass one or the other")
-        if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) torch.long tensor of token ids with T >= 1, "
-                             f"got shape {tuple(idx.shape)} and dtype {idx.dtype}")
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
+            got = f"shape {tuple(idx.shape)} and dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else repr(idx)
+            raise ValueError(f"idx must be a (B, T) torch.long tensor of token ids with T >= 1, got {got}: "
+                             f"for one sequence use idx[None] (or idx.unsqueeze(0))")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
+                                    or targets.dtype != torch.long):
+            got = (f"shape {tuple(targets.shape)} and dtype {targets.dtype}" if isinstance(targets, torch.Tensor)
+                   else repr(targets))
+            raise ValueError(f"targets must be a torch.long tensor of the shape of idx {tuple(idx.shape)}, got {got}")
+        if routing == "router" and self.config.router_aux_loss == 0 and self.config.routed_blocks():
+            if not self.warned_router:  # once per model, not once per generated token
+                self.warned_router = True
+                warnings.warn("routing='router' on a model trained with router_aux_loss=0: its router was not "
+                              "taught to be causal; routing='predictor' is the reliable choice")
+        length = idx.size(1)
+        if cache is not None:
+            if routing == "topk":
+                raise ValueError("routing='topk' looks at future tokens and cannot be used with a cache: "
+                                 "generate with routing='predictor' (or 'router')")
+            if targets is not None:
+                raise ValueError("targets are for training and a cache is for generation: pass one or the other")
+            if cache.batch_size != idx.size(0):
+                raise ValueError(f"the cache was made for a batch of {cache.batch_size} sequences, idx has "
+                                 f"{idx.size(0)}: make one with model.new_cache({idx.size(0)})")
+            length += cache.pos
+            if length > cache.max_len:
+                raise ValueError(f"the cache holds {cache.max_len} tokens and has {cache.pos}, so it cannot take "
+                                 f"{idx.size(1)} more: make a larger one with new_cache(batch_size, max_len)")
         if length > self.config.block_size:
             raise ValueError(f"sequence of length {length} is longer than block_size {self.config.block_size}: "
                              f"crop it to the last {self.config.block_size} tokens or train with a larger block_size")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got ids from {int(idx.min())} "
-                             f"to {int(idx.max())}: encode with the tokenizer this model was trained with")
+
+    def _check_values(self, idx, targets):
+        """Token ids in [0, vocab_size) and targets in [-1, vocab_size): this reads the tensors (a sync on a GPU)."""
+        V = self.config.vocab_size
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got ids from {lo} to {hi}: encode with the tokenizer "
+                             f"this model was trained with")
+        if targets is not None:
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < -1 or hi >= V:
+                raise ValueError(f"targets must be in [0, {V}) (or -1 to ignore a position), got {lo} to {hi}")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, routing="predictor"):
@@ -441,12 +532,19 @@ class MoDGPT(nn.Module):
         if routing == "topk":
             raise ValueError("routing='topk' looks at future tokens, so it cannot generate: use 'predictor' "
                              "(or 'router' after training with router_aux_loss > 0)")
-        if idx.dim() != 2 or idx.size(1) == 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature must be >= 0, a finite number (0 is greedy), got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise ValueError(f"top_k must be >= 1, an integer (or None for no limit), got {top_k!r}")
+        if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.size(1) == 0:
             raise ValueError("generate needs a (B, T) prompt with T >= 1: start from a newline or end-of-text token")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+        # check the prompt once, here; the steps below skip the check that reads the ids (a sync per step)
+        self._check_input(idx[:, -self.config.block_size:] if isinstance(idx, torch.Tensor) and idx.dim() == 2
+                          else idx, None, routing, None)
+        self._check_values(idx, None)
         B, T0 = idx.shape
         window = self.config.block_size
         routed = [isinstance(b, MoDBlock) for b in self.transformer.h]
@@ -454,14 +552,15 @@ class MoDGPT(nn.Module):
                 for r in routed]
 
         def run(start, end, cache):  # feed idx[:, start:end] and record which tokens each routed block processed
-            logits, _ = self(idx[:, start:end], routing=routing, cache=cache)
+            logits, _ = self(idx[:, start:end], routing=routing, cache=cache, check_input=False)
             for record, processed in zip(seen, self.last_routing):
                 if record is not None:
                     record[:, start:end] = processed
             return logits[:, -1, :]
 
         start = max(0, T0 - window)  # a prompt longer than the window: keep its last block_size tokens
-        cache = self.new_cache(B)
+        max_len = min(window, T0 - start + max_new_tokens - 1)  # the most tokens a cache will hold
+        cache = self.new_cache(B, max(1, max_len))
         logits = run(start, T0, cache) if max_new_tokens > 0 else None
         for step in range(max_new_tokens):
             if temperature == 0:
@@ -470,7 +569,7 @@ class MoDGPT(nn.Module):
                 logits = logits / temperature
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
+                    logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))  # (a boolean index would sync)
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
             if step == max_new_tokens - 1:
@@ -478,7 +577,7 @@ class MoDGPT(nn.Module):
             end = idx.size(1)
             if end - start > window:  # window full: keep its newer half and re-prefill it into fresh caches
                 start = end - max(1, window // 2)
-                cache = self.new_cache(B)
+                cache = self.new_cache(B, max_len)
                 logits = run(start, end, cache)
             else:
                 logits = run(end - 1, end, cache)
