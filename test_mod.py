@@ -1103,10 +1103,20 @@ def test_calibrated_predictors_route_the_capacity():
         assert routed.float().mean().item() == pytest.approx(0.125, abs=0.01)
 
 
+def test_textbook_reference_computes_what_our_dense_model_computes():
+    dense = tiny(mod_every=0).train()
+    textbook = bench.TextbookGPT(dense)
+    idx, targets = torch.randint(0, 50, (3, 32)), torch.randint(0, 50, (3, 32))
+    logits, loss = dense(idx, targets)
+    ref_logits, ref_loss = textbook(idx, targets)
+    assert torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(loss, ref_loss, atol=1e-6)
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(dense.parameters(), textbook.parameters()))
+
+
 def test_bench_speed_reports_every_measure():
     shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_cpu=2, batch_gpu=2)
     text = "\n".join(bench.speed("tiny", shape, "cpu", "float32", False, repeats=1))
     for measure in ("| train step |", "| generate, batch 1 |", "| generate, batch 8 |", "forward GFLOPs, estimate",
-                    "FlopCounterMode", "KV cache after generating"):
+                    "FlopCounterMode", "KV cache after generating", "| train step, textbook GPT as dense |"):
         assert measure in text
     assert "MoD/dense **0." in text  # the routed blocks' caches are smaller
