@@ -1,6 +1,7 @@
 """Tests for the Mixture-of-Depths implementation, its data preparation and training. Tiny models, CPU, seconds:
 `python -m pytest`. The BPE test needs tiktoken's r50k_base: online, or TIKTOKEN_CACHE_DIR set to a cache of it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -1000,6 +1001,52 @@ def test_ddp_two_cpu_processes(char_data, tmp_path):
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "step 3: train loss" in run.stdout and (tmp_path / "ckpt.pt").exists()
+
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]  # every line parses as JSON
+
+
+def test_metrics_are_written_as_json_lines_and_returned_as_the_history(char_data, tmp_path):
+    result = train.main(**tiny_run(char_data, tmp_path, log_interval=2))
+    lines = read_metrics(tmp_path)
+    assert lines == result["history"]
+    assert [(r["kind"], r["iter"]) for r in lines] == [("eval", 0), ("train", 2), ("eval", 3), ("train", 4),
+                                                       ("train", 6), ("eval", 6)]
+    for r in lines:
+        if r["kind"] == "train":
+            assert {"loss", "lr", "ms_per_iter", "routed_frac", "predictor_acc"} <= r.keys()
+            assert r["routed_frac"] == 0.125 and r["loss"] > 0  # 4 of 32 tokens per routed block
+        else:
+            assert {"train_topk", "val_topk", "val_predictor", "predictor_acc", "lr"} <= r.keys()
+    assert {k: lines[-1][k] for k in result["eval"]} == result["eval"]
+    times = [r["time_s"] for r in lines]
+    assert times == sorted(times) and times[0] == 0 and times[-1] > 0
+    assert all(r["wall_s"] >= r["time_s"] for r in lines)  # wall time includes the evaluations
+    dense = train.main(**tiny_run(char_data, tmp_path / "dense", mod_every=0))
+    assert "routed_frac" not in dense["history"][1] and "val_predictor" not in dense["history"][-1]
+
+
+def test_a_resumed_run_appends_its_metrics_and_a_fresh_run_starts_a_new_file(char_data, tmp_path):
+    first = train.main(**tiny_run(char_data, tmp_path / "a", log_interval=2))
+    # as if the run had gone on past its last checkpoint and then crashed in the middle of a line
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(kind="train", iter=7, time_s=99.0, wall_s=99.0, loss=1.0)) + "\n")
+        f.write('{"kind": "eval", "it')
+    resumed = train.main(**tiny_run(char_data, tmp_path / "a", log_interval=2, init_from="resume", max_iters=9,
+                                    lr_decay_iters=9))
+    lines = read_metrics(tmp_path / "a")
+    assert lines == resumed["history"]
+    assert lines[:5] == first["history"][:5]  # kept up to the checkpoint's iteration
+    assert [(r["kind"], r["iter"]) for r in lines[5:]] == [("eval", 6), ("train", 8), ("eval", 9)]  # eval 6 once
+    assert lines[-1]["time_s"] > first["history"][-1]["time_s"]  # the clock continues
+    # a run from scratch in a folder with an old metrics file (and no checkpoint) starts a fresh one
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text(json.dumps(dict(kind="eval", iter=500)) + "\n")
+    fresh = train.main(**tiny_run(char_data, tmp_path / "b", max_iters=3, eval_interval=3))
+    assert read_metrics(tmp_path / "b") == fresh["history"] and fresh["history"][0]["iter"] == 0
 
 
 # =============================================================================

@@ -18,6 +18,7 @@ Defaults follow the device: nanoGPT's shakespeare_char setting on a GPU, its lap
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -361,6 +362,56 @@ class CtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
 
+class Metrics:
+    """The run's history for plotting: every log line and every evaluation as one dict (main() returns the list),
+    also written as a line of JSON to out_dir/metrics.jsonl. time_s is training time, evaluations and saving
+    excluded (the fair clock for comparing models); wall_s is all of it.
+
+    A run from scratch starts a fresh file. A resumed run keeps the lines up to its checkpoint's iteration (later
+    ones came from iterations it does again), continues both clocks from the last line it kept, and appends. An
+    evaluation of an iteration already recorded (a resume evaluates its first iteration again) replaces the old one.
+    Only the master process writes; the others keep an empty history."""
+
+    def __init__(self, path, resume_iter=None, enabled=True):
+        self.path, self.enabled, self.history = path, enabled, []
+        if not enabled:
+            return
+        if resume_iter is not None and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut short by a crash
+                        continue
+                    if isinstance(record, dict) and record.get("iter", math.inf) <= resume_iter:
+                        self.history.append(record)
+        last = self.history[-1] if self.history else {}
+        self.time_offset, self.wall_offset = last.get("time_s", 0.0), last.get("wall_s", 0.0)
+        self.rewrite()
+
+    def rewrite(self):
+        tmp = self.path + ".tmp"  # write and rename, as the checkpoint: a crash leaves the old file whole
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        os.replace(tmp, self.path)
+
+    def add(self, kind, it, train_s, wall_s, **values):
+        """One record: kind "train" (a log line) or "eval"; train_s and wall_s are this process's seconds so far."""
+        if not self.enabled:
+            return
+        record = dict(kind=kind, iter=it, time_s=round(self.time_offset + train_s, 3),
+                      wall_s=round(self.wall_offset + wall_s, 3), **values)
+        if kind == "eval":  # the same evaluation again (a resume's first one): the newer one replaces it
+            same = [i for i, r in enumerate(self.history) if r.get("kind") == "eval" and r.get("iter") == it]
+            if same:
+                self.history[same[0]] = record
+                self.rewrite()
+                return
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 @contextmanager
 def stop_on_bad_loss(ckpt_path):
     """A NaN/inf loss stops training with one message, before anything is saved."""
@@ -406,7 +457,8 @@ def main(*configs, **overrides):
     """Train. Settings come as keywords, main(max_iters=200, mod_every=0), which go on top of the device's preset;
     or as whole TrainConfig / MoDConfig objects or dicts, main(TrainConfig(max_iters=200), MoDConfig(n_layer=4)),
     whose every field counts (the dataclasses' defaults are nanoGPT's GPU setting); keywords win over both.
-    Returns a dict with the last evaluation, the iteration reached, the checkpoint path and timings."""
+    Returns a dict with the last evaluation, the iteration reached, the checkpoint path, timings and the history
+    (every log line and evaluation as a dict, as written to out_dir/metrics.jsonl: see Metrics)."""
     settings = {}
     for config in configs:
         settings.update(config if isinstance(config, dict) else dataclasses.asdict(config))
@@ -504,6 +556,8 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 f"{model_cfg.router}/{model_cfg.router_weight}" if model_cfg.routed_blocks() else "dense baseline")
         print(f"{kind}: {raw_model.get_num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, "
               f"device {device}, {dtype}, {tokens_per_iter:,} tokens per iteration")
+    metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume" else None,
+                      enabled=is_master)
 
     def random_state():
         state = dict(cpu=torch.get_rng_state())
@@ -528,7 +582,8 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 if iter_num > start_iter:
                     save_checkpoint(ckpt_path, checkpoint(rng))
                     print(f"saved {ckpt_path}; continue with --init_from=resume --out_dir={out_dir}")
-                return dict(iter_num=iter_num, interrupted=True, ckpt_path=ckpt_path, eval=last_eval)
+                return dict(iter_num=iter_num, interrupted=True, ckpt_path=ckpt_path, eval=last_eval,
+                            history=metrics.history)
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -540,6 +595,7 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                     print(format_eval(iter_num, last_eval))
                     if not all(math.isfinite(v) for v in last_eval.values()):
                         raise FloatingPointError(f"non-finite evaluation loss at iteration {iter_num}")
+                    metrics.add("eval", iter_num, t0 - t_start - t_eval, t0 - t_start, lr=lr, **last_eval)
                     val = last_eval.get("val_predictor", last_eval["val_topk"])
                     if iter_num > start_iter and (val < best_val_loss or cfg.always_save_checkpoint):
                         best_val_loss = min(best_val_loss, val)
@@ -587,13 +643,17 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                     line += (f", routed {100 * stats['routed_frac'].mean().item():.1f}%, "
                              f"predictor {100 * stats['predictor_acc'].item():.1f}%")
                 print(line)
+                routing = (dict(routed_frac=stats["routed_frac"].mean().item(),
+                                predictor_acc=stats["predictor_acc"].item()) if stats["routed_frac"].numel() else {})
+                metrics.add("train", iter_num, now - t_start - t_eval, now - t_start, loss=lossf, lr=lr,
+                            ms_per_iter=1000 * dt, **routing)
 
     wall = time.time() - t_start
     ms_per_iter = 0.0
     if t_warm is not None and iter_num - start_iter > 1:  # training time per step, after the first one
         ms_per_iter = 1000 * (time.time() - t_warm[0] - (t_eval - t_warm[1])) / (iter_num - start_iter - 1)
     result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=ckpt_path, wall_s=wall, ms_per_iter=ms_per_iter,
-                  interrupted=False)
+                  interrupted=False, history=metrics.history)
     if is_master:
         print(f"done in {wall:.0f} s, {ms_per_iter:.1f} ms/iter")
     if is_master and cfg.sample_tokens > 0:
