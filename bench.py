@@ -19,12 +19,22 @@ instead of raw r). It reports the validation loss under top-k and under causal p
 accuracy, and time.
 
 The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
+
+    python bench.py --figures           # only the README's pictures: figures/loss_curves.png, figures/routing_map.png
+
+Figures: trains dense and MoD with train.py's defaults for the device (on a CPU nanoGPT's laptop setting, a few
+minutes for both) into bench_runs/figures/, draws their validation loss against iterations and training time from
+the runs' metrics.jsonl, and the routing map of a sample of the MoD model. A second call resumes both runs (a finished
+run only evaluates once more) and draws again. The drawing functions below are the ones tutorial.ipynb uses; they
+need matplotlib (pip install matplotlib), which training, sampling and the tests never do.
 """
 
 import argparse
 import contextlib
 import copy
 import io
+import json
+import math
 import os
 import platform
 import statistics
@@ -35,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import sample
 import train
 from mod import MoDBlock, MoDConfig, MoDGPT
 
@@ -43,6 +54,7 @@ SHAPES = {  # model shape and training batch size (the GPU batch of shakespeare_
     "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_cpu=8, batch_gpu=64),
 }
 VOCAB = 65
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sync(device):
@@ -274,6 +286,189 @@ def quality(device, log_dir, max_iters, eval_iters):
     return lines + [""]
 
 
+# -----------------------------------------------------------------------------
+# figures: loss curves and routing maps, for the README (--figures) and tutorial.ipynb
+
+
+def pyplot(headless=False):
+    """matplotlib's pyplot, imported only to draw. headless: draw into files only (no window), for --figures."""
+    try:
+        import matplotlib
+        if headless:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: drawing needs matplotlib, which is optional: pip install matplotlib") from None
+    return plt
+
+
+def read_metrics(out_dir):
+    """The history that train.py wrote to out_dir/metrics.jsonl: one dict per log line or evaluation."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no {path}: train into that folder first (python train.py --out_dir={out_dir})")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curves(runs, title="validation loss"):
+    """Validation loss against iterations and against training time (evaluations excluded), one colour per run.
+    runs: {label: history}, a history being train.main's result["history"] or read_metrics(out_dir). A MoD run
+    draws two lines: top-k routing (solid, as in training) and causal predictor routing (dashed, as when sampling).
+    Returns the matplotlib figure."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    top = []
+    for n, (label, history) in enumerate(runs.items()):
+        evals = [r for r in history if r["kind"] == "eval"]
+        routed = any("val_predictor" in r for r in evals)
+        for key, style, kind in (("val_topk", "-", ", top-k"), ("val_predictor", "--", ", causal predictor")):
+            points = [r for r in evals if key in r]
+            if not points:
+                continue
+            for ax, x in zip(axes, ("iter", "time_s")):
+                ax.plot([r[x] for r in points], [r[key] for r in points], style, color=f"C{n}", marker=".",
+                        label=label + (kind if routed else ""))
+            top.append(points[min(1, len(points) - 1)][key])  # zoom in below the untrained model's loss
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("training time (s, evaluations excluded)")
+    axes[0].set_ylabel(title)
+    if top:
+        axes[0].set_ylim(top=max(top) + 0.05)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def token_text(tokenizer, token):
+    """A token as a short label: newline and space made visible."""
+    return tokenizer.decode([token]).replace("\n", "\u21b5").replace(" ", "\u2423")
+
+
+@torch.no_grad()
+def routing_rows(model, idx):
+    """Which tokens of one sequence idx (1, T) each routed block processes under top-k routing and under causal
+    predictor routing. Returns [(block, topk (T,) bool, predictor (T,) bool), ...]."""
+    model.eval()
+    seen = {}
+    for routing in ("topk", "predictor"):
+        model(idx, routing=routing)
+        seen[routing] = model.last_routing
+    return [(i, seen["topk"][i][0].cpu(), seen["predictor"][i][0].cpu()) for i in model.config.routed_blocks()]
+
+
+def plot_routing_map(model, tokenizer, idx, title="routing map", per_line=64, max_tokens=128):
+    """The paper's Fig. 5 for one sequence idx (1, T): tokens across, for each routed block a row for top-k's
+    choice and a row for the causal predictor's, wrapped per_line tokens to a panel. In the predictor's row, orange
+    marks a token it routes that top-k would not, pink one top-k routes that it skips. Returns the figure."""
+    plt = pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    rows = routing_rows(model, idx)
+    tokens = idx[0].tolist()[:max_tokens]
+    grid, labels = [], []
+    for block, topk, pred in rows:
+        grid.append(topk.long())  # 0 skipped, 1 routed
+        grid.append(torch.where(pred == topk, pred.long(), torch.where(pred, 2, 3)))  # 2, 3: disagrees with top-k
+        labels += [f"block {block} top-k", f"block {block} predictor"]
+    grid = torch.stack(grid)[:, :len(tokens)]  # (2 x routed blocks, T)
+    colors = ListedColormap(["#f4f4f4", "#2b6cb0", "#f08a24", "#f6b8c8"])
+    panels = math.ceil(len(tokens) / per_line)
+    width = 0.17 * min(per_line, len(tokens)) + 1.8  # inches
+    height = panels * (0.32 * len(grid) + 0.7) + 0.6
+    fig, axes = plt.subplots(panels, 1, figsize=(width, height), squeeze=False)
+    for p, ax in enumerate(axes[:, 0]):
+        part = slice(p * per_line, (p + 1) * per_line)
+        ax.imshow(grid[:, part].numpy(), cmap=colors, vmin=0, vmax=3, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(tokens[part])))
+        ax.set_xticklabels([token_text(tokenizer, t) for t in tokens[part]], fontsize=8, family="monospace",
+                           rotation=0 if tokenizer.enc is None else 90)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.tick_params(length=0)
+        for y in range(2, len(labels), 2):
+            ax.axhline(y - 0.5, color="white", linewidth=3)
+    axes[0, 0].set_title(title, fontsize=10)
+    fig.legend(handles=[Patch(color=colors(1), label="processed by the block"),
+                        Patch(color=colors(2), label="predictor routes, top-k would not"),
+                        Patch(color=colors(3), label="top-k routes, predictor skips")],
+               loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+@torch.no_grad()
+def routed_token_rates(model, tokenizer, idx, min_count=20):
+    """How often top-k routes each token, per routed block, over the sequences idx (N, T) (for instance validation
+    batches). Returns one dict per token seen at least min_count times, the most routed first: text, count, rates
+    (per routed block) and mean (over them)."""
+    model.eval()
+    model(idx, routing="topk")
+    V = model.config.vocab_size
+    count = torch.bincount(idx.flatten().cpu(), minlength=V)
+    blocks = model.config.routed_blocks()
+    routed = torch.stack([torch.bincount(idx[model.last_routing[i]].cpu(), minlength=V) for i in blocks])  # (n, V)
+    rates = routed / count.clamp(min=1)
+    table = [dict(token=t, text=token_text(tokenizer, t), count=int(count[t]), rates=rates[:, t].tolist(),
+                  mean=rates[:, t].mean().item()) for t in range(V) if count[t] >= min_count]
+    return sorted(table, key=lambda row: -row["mean"])
+
+
+def plot_routed_tokens(table, blocks, capacity, top=20):
+    """Bars of the top most-routed tokens of routed_token_rates(), one bar per routed block; the dashed line is
+    the capacity, what every token would get if routing ignored which token it is. Returns the figure."""
+    plt = pyplot()
+    rows = table[:top]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.42 * len(rows) + 1.5), 3.2))
+    width = 0.8 / len(blocks)
+    for b, block in enumerate(blocks):
+        ax.bar([i + (b - (len(blocks) - 1) / 2) * width for i in range(len(rows))],
+               [100 * row["rates"][b] for row in rows], width, label=f"block {block}", color=f"C{b}")
+    ax.axhline(100 * capacity, color="black", linestyle="--", linewidth=1, label=f"capacity {capacity:.1%}")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([row["text"] for row in rows], family="monospace")
+    ax.set_ylabel("% of its occurrences routed")
+    ax.set_title("the tokens top-k routes most", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figures(device, folder=os.path.join(HERE, "figures"), runs_dir=os.path.join(HERE, "bench_runs", "figures"),
+            **settings):
+    """python bench.py --figures: the README's two pictures from two trainings (see the top of this file).
+    settings: more train.py settings for both runs (none for the README's pictures)."""
+    plt = pyplot(headless=True)  # before training: a missing matplotlib is one line, not minutes later
+    os.makedirs(runs_dir, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
+    for label, layout in (("dense", dict(mod_every=0)), ("mod", {})):
+        resume = os.path.exists(os.path.join(runs_dir, label, "ckpt.pt"))
+        print(f"figures: {'resuming' if resume else 'training'} {label} in {os.path.join(runs_dir, label)} "
+              f"(log: {os.path.join(runs_dir, label)}.log) ...", file=sys.stderr)
+        run_training(label, runs_dir, device=device, init_from="resume" if resume else "scratch",
+                     **{**settings, **layout})
+    mod_dir = os.path.join(runs_dir, "mod")
+    fig = plot_loss_curves({"dense": read_metrics(os.path.join(runs_dir, "dense")), "MoD": read_metrics(mod_dir)},
+                           title="validation loss, shakespeare_char")
+    paths = [os.path.join(folder, "loss_curves.png"), os.path.join(folder, "routing_map.png")]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    model, tokenizer = sample.load_model(mod_dir, device)
+    torch.manual_seed(1337)
+    start = torch.tensor([[tokenizer.newline_or_eot]], device=device)
+    ids = model.generate(start, model.config.block_size - 1, temperature=0.8, top_k=200)  # (1, block_size)
+    fig = plot_routing_map(model, tokenizer, ids, title="a sample of the MoD model: the tokens each routed block "
+                                                        "processes")
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    for path in paths:
+        print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)", file=sys.stderr)
+    return paths
+
+
 def machine(device):
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
@@ -292,6 +487,7 @@ def main(argv):
     p.add_argument("--quality_iters", type=int, default=2000)
     p.add_argument("--eval_iters", type=int, default=200)
     p.add_argument("--out", default="bench.md", help="where to write the markdown (default: bench.md)")
+    p.add_argument("--figures", action="store_true", help="only draw the README's pictures into figures/ (minutes)")
     args = p.parse_args(argv)
     device = train.pick_device(args.device)
     if args.dtype != "float32" and not device.startswith("cuda"):
@@ -299,6 +495,9 @@ def main(argv):
     unknown = set(args.shapes.split(",")) - SHAPES.keys()
     if unknown:
         raise SystemExit(f"error: unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
+    if args.figures:  # the pictures alone: no speed measurement, no markdown
+        figures(device)
+        return
 
     lines = [f"## bench.py on {machine(device)}", "",
              f"`python bench.py {' '.join(argv)}`".replace(" `", "`"), "",
