@@ -1167,3 +1167,81 @@ def test_bench_speed_reports_every_measure():
                     "FlopCounterMode", "KV cache after generating", "| train step, textbook GPT as dense |"):
         assert measure in text
     assert "MoD/dense **0." in text  # the routed blocks' caches are smaller
+
+
+def test_bench_figures_draws_two_small_pictures_and_reuses_its_runs(char_data, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the figures need matplotlib: pip install matplotlib")
+    settings = {k: v for k, v in tiny_run(char_data, tmp_path).items() if k not in ("out_dir", "device", "sample_tokens")}
+    paths = bench.figures("cpu", folder=str(tmp_path / "figures"), runs_dir=str(tmp_path / "runs"), **settings)
+    assert [os.path.basename(p) for p in paths] == ["loss_curves.png", "routing_map.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert 5_000 < os.path.getsize(path) < 150_000
+    assert (tmp_path / "runs" / "mod" / "metrics.jsonl").exists()
+    bench.figures("cpu", folder=str(tmp_path / "figures"), runs_dir=str(tmp_path / "runs"), **settings)
+    err = capsys.readouterr().err
+    assert err.count("figures: training") == 2 and err.count("figures: resuming") == 2  # the second call reuses
+    history = bench.read_metrics(str(tmp_path / "runs" / "mod"))
+    assert [r["iter"] for r in history if r["kind"] == "eval"] == [0, 3, 6]  # resumed, not trained again
+
+
+def test_routing_rates_count_what_top_k_routes():
+    model = tiny()
+    idx = torch.randint(0, 50, (16, 32), generator=torch.Generator().manual_seed(0))
+    tokenizer = Tokenizer(dict(vocab_size=50, tokenizer="char", chars=[chr(48 + i) for i in range(50)]))
+    table = bench.routed_token_rates(model, tokenizer, idx, min_count=1)
+    model(idx, routing="topk")
+    for row in table:  # each token's rate is its routed share of its occurrences, per routed block
+        occurrences = idx == row["token"]
+        assert row["count"] == occurrences.sum().item()
+        for rate, i in zip(row["rates"], model.config.routed_blocks()):
+            assert rate == pytest.approx((model.last_routing[i] & occurrences).sum().item() / row["count"])
+    assert [row["mean"] for row in table] == sorted((row["mean"] for row in table), reverse=True)
+    rows = bench.routing_rows(model, idx[:1])
+    assert [block for block, _, _ in rows] == [1, 3] and all(topk.sum() == 8 for _, topk, _ in rows)
+
+
+def test_figures_without_matplotlib_is_one_clear_line(tmp_path):
+    fake = tmp_path / "no_matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake.parent))
+    run = subprocess.run([sys.executable, "bench.py", "--figures", "--device=cpu"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr == "error: drawing needs matplotlib, which is optional: pip install matplotlib\n"
+
+
+# =============================================================================
+# tutorial.ipynb: run top to bottom in a real Jupyter kernel, at its tiny setting
+
+
+def test_tutorial_notebook_runs_top_to_bottom_in_a_kernel(tmp_path, monkeypatch):
+    reason = "running the notebook needs nbclient, ipykernel and matplotlib: pip install nbclient ipykernel matplotlib"
+    for module in ("nbformat", "nbclient", "ipykernel", "matplotlib"):
+        pytest.importorskip(module, reason=reason)
+    import nbclient
+    import nbformat
+    notebook = nbformat.read(REPO / "tutorial.ipynb", as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code)  # committed without outputs
+    monkeypatch.setenv("MOD_TUTORIAL_SIZE", "tiny")
+    monkeypatch.setenv("MOD_TUTORIAL_OUT", str(tmp_path / "runs"))
+    # any cell that raises fails the test (CellExecutionError, with the cell and its traceback)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "".join(o.get("text", "") for cell in code for o in cell.outputs if o.output_type == "stream")
+    for claim in ("the block processed exactly the top-k tokens: True",
+                  "tokens that skip the block come out bit-identical: True",
+                  "positions before 20 changed", "the past is unchanged: True", "val loss", "tokens/s"):
+        assert claim in text, claim
+    # the gradient table: the predictor's loss reaches only the predictor, the LM loss never the predictor
+    grads = {line[:20].strip(): [float(v) for v in line[20:].split()] for line in text.splitlines()
+             if line.strip().startswith(("predictor BCE", "LM loss"))}
+    assert grads["predictor BCE"][0] > 0 and grads["predictor BCE"][1:] == [0.0, 0.0]
+    assert grads["LM loss"][0] == 0.0 and grads["LM loss"][1] > 0 and grads["LM loss"][2] > 0
+    pictures = [o for cell in code for o in cell.outputs if "image/png" in o.get("data", {})]
+    assert len(pictures) == 3  # loss curves, routing map, most-routed tokens
+    for run in ("mod", "dense"):
+        assert (tmp_path / "runs" / run / "metrics.jsonl").exists()
