@@ -896,7 +896,8 @@ def test_checkpoint_is_written_atomically(char_data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
     assert ckpt_path.read_bytes() == before  # the last good checkpoint survived
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # and no half-written file is left
+    # and no half-written file is left (metrics.jsonl is the run's log, also written by rename)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
 
 
 def test_ctrl_c_saves_between_iterations_and_resume_is_exact(char_data, tmp_path, monkeypatch):
