@@ -884,8 +884,8 @@ def test_resume_continues_exactly(char_data, tmp_path):
 
 def test_checkpoint_is_written_atomically(char_data, tmp_path, monkeypatch):
     train.main(**tiny_run(char_data, tmp_path, max_iters=3))
-    ckpt_path = tmp_path / "ckpt.pt"
-    before = ckpt_path.read_bytes()
+    ckpt_path, best_path = tmp_path / "ckpt.pt", tmp_path / "best.pt"
+    before, best_before = ckpt_path.read_bytes(), best_path.read_bytes()
 
     def crash(obj, path):  # the process dies in the middle of writing the checkpoint
         with open(path, "wb") as f:
@@ -895,7 +895,8 @@ def test_checkpoint_is_written_atomically(char_data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
     assert ckpt_path.read_bytes() == before  # the last good checkpoint survived
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # and no half-written file is left
+    assert best_path.read_bytes() == best_before  # and so did the best one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt"]  # and no half-written file is left
 
 
 def test_ctrl_c_saves_between_iterations_and_resume_is_exact(char_data, tmp_path, monkeypatch):
