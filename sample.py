@@ -27,7 +27,7 @@ import torch
 
 from data.prepare import DataError, Tokenizer
 from mod import MoDBlock, MoDConfig, MoDGPT
-from train import ArgumentParser, ConfigError, describe_os_error, load_checkpoint, pick_device
+from train import ArgumentParser, ConfigError, describe_os_error, first_reason, load_checkpoint, pick_device
 
 
 def load_model(out_dir, device, checkpoint="best"):
@@ -49,7 +49,7 @@ def load_model(out_dir, device, checkpoint="best"):
         model = MoDGPT(MoDConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # a config of another version, or weights of another shape
-        raise ConfigError(f"{path} holds a model this mod.py cannot build ({str(e).splitlines()[0]}): "
+        raise ConfigError(f"{path} holds a model this mod.py cannot build ({first_reason(e)}): "
                           f"train it again with this version") from None
     return model.to(device).eval(), Tokenizer(ckpt["meta"])
 

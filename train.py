@@ -386,7 +386,7 @@ def prepare_data(cfg, block_size, is_master, ddp):
                             f"rewrites all three files; --input=PATH for your own text)")
     if ddp:
         torch.distributed.barrier()
-    meta = load_meta(data_dir)
+    meta = load_meta(data_dir, cfg.dataset)
     check_token_files(data_dir, meta, block_size)
     return data_dir, meta
 
@@ -430,7 +430,7 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError from inside torch.save
-        raise ConfigError(f"cannot write {path} ({str(e).splitlines()[0]}): free some disk space or choose another "
+        raise ConfigError(f"cannot write {path} ({first_reason(e)}): free some disk space or choose another "
                           f"--out_dir; the previous {os.path.basename(path)} is untouched") from None
     finally:
         if os.path.exists(tmp):  # the write failed: leave no half-written file behind
@@ -469,6 +469,13 @@ def load_checkpoint(path, need=RESUME_KEYS):
             raise ConfigError(f"{path} holds non-finite weights (NaN or inf, in {name}): it cannot be used; "
                               f"use the other checkpoint in its folder (ckpt.pt or best.pt) or train again")
     return ckpt
+
+
+def first_reason(error):
+    """The line of an exception's message that says what went wrong (load_state_dict's first line only says that
+    something did)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
 
 
 def weights_are_finite(model):
@@ -704,7 +711,7 @@ def _train(settings, device, device_type, ddp, rank, world_size, is_master):
                 if device_type == "cuda" and "cuda" in ckpt["rng_state"]:
                     torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]}): "
+            raise ConfigError(f"{ckpt_path} does not fit this model ({first_reason(e)}): "
                               f"train from scratch into another --out_dir") from None
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if world_size > 1:  # only rank 0's state was saved: give each process a stream of its own

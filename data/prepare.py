@@ -129,10 +129,10 @@ def meta_problem(meta):
     return None
 
 
-def load_meta(data_dir):
-    """The meta.json that prepare wrote into data_dir, as a dict, checked."""
+def load_meta(data_dir, dataset=None):
+    """The meta.json that prepare wrote into data_dir, as a dict, checked. dataset: for the error messages."""
     path = os.path.join(data_dir, "meta.json")
-    run = prepare_command(data_dir)
+    run = prepare_command(data_dir, dataset)
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
