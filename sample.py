@@ -18,7 +18,6 @@ training's first evaluation there is no best.pt yet, and ckpt.pt is used (with a
 From Python: import sample; report = sample.main(start="ROMEO:", show_routing=True)
 """
 
-import argparse
 import os
 import sys
 import time

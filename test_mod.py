@@ -1597,12 +1597,12 @@ def test_two_runs_saving_into_one_out_dir_never_collide(tmp_path, monkeypatch):
     real_save = torch.save
     path = str(tmp_path / "ckpt.pt")
 
-    def another_run_saves_meanwhile(obj, f):  # while we write our temporary file, another run saves the same path
-        if obj == "ours":
-            train.save_checkpoint(path, "theirs")
+    def another_run_saves_meanwhile(obj, f):
         real_save(obj, f)
+        if obj == "ours":  # our temporary file is written; before we rename it, another run saves the same path
+            train.save_checkpoint(path, "theirs")
     monkeypatch.setattr(torch, "save", another_run_saves_meanwhile)
-    train.save_checkpoint(path, "ours")  # with one shared ckpt.pt.tmp this raised FileNotFoundError
+    train.save_checkpoint(path, "ours")  # with one shared ckpt.pt.tmp, the other run renamed ours away: a crash
     assert torch.load(path, weights_only=True) == "ours" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 

@@ -117,8 +117,7 @@ class ArgumentParser(argparse.ArgumentParser):
                 raise ConfigError(f"{name} is given {names.count(name)} times: give it once")
         namespace, unknown = self.parse_known_args(args, namespace)
         if unknown and not unknown[0].startswith("--"):
-            raise ConfigError(f"cannot read argument {unknown[0]!r}: write settings as --key=value, "
-                              f"e.g. --max_iters=200; {self.listing}")
+            raise ConfigError(f"cannot read argument {unknown[0]!r}: write settings as --key=value; {self.listing}")
         if unknown:
             key = unknown[0][2:].split("=", 1)[0]
             known = [option[2:] for action in self._actions for option in action.option_strings]
@@ -880,7 +879,7 @@ def cli(argv):
         raise SystemExit(f"error: {describe_os_error(e)}: check the path, its permissions and the "
                          f"free disk space") from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
-        print("stopped at once: nothing more was saved", file=sys.stderr)
+        print("stopped at once: the checkpoints hold the last save that finished", file=sys.stderr)
         sys.exit(130)
     if result["interrupted"]:  # 128 + the signal's number, the shells' convention: 130 for SIGINT, 143 for SIGTERM
         sys.exit(128 + getattr(signal, result["signal"]))
