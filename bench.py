@@ -29,7 +29,6 @@ run only evaluates once more) and draws again. The drawing functions below are t
 need matplotlib (pip install matplotlib), which training, sampling and the tests never do.
 """
 
-import argparse
 import contextlib
 import copy
 import io
@@ -230,7 +229,8 @@ def run_training(label, log_dir, **settings):
     buf = io.StringIO()
     t0 = time.time()
     with contextlib.redirect_stdout(buf):
-        result = train.main(out_dir=os.path.join(log_dir, label), sample_tokens=0, **settings)
+        # overwrite: each benchmark replaces the runs of the previous one in bench_runs/
+        result = train.main(out_dir=os.path.join(log_dir, label), sample_tokens=0, overwrite=True, **settings)
     wall = time.time() - t0
     with open(os.path.join(log_dir, f"{label}.log"), "w") as f:
         f.write(buf.getvalue())
@@ -476,8 +476,29 @@ def machine(device):
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
+def check_args(args, device):
+    """Every argument, before the benchmark runs (it takes minutes): one ConfigError that says what to do."""
+    def need(ok, message):
+        if not ok:
+            raise train.ConfigError(message)
+    for name in ("repeats", "quality_iters", "eval_iters"):
+        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    need(args.dtype == "float32" or device.startswith("cuda"),
+         "--dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
+    unknown = set(args.shapes.split(",")) - SHAPES.keys()
+    need(not unknown, f"unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
+    need(not os.path.isdir(args.out), f"--out={args.out} is a folder: name a file, e.g. "
+                                      f"--out={os.path.join(args.out, 'bench.md')}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    need(os.path.isdir(folder), f"--out={args.out}: there is no folder {folder}; create it or choose another --out")
+    try:
+        train.check_writable(folder)
+    except OSError as e:
+        raise train.ConfigError(f"--out={args.out}: cannot write to {folder} ({e.strerror}); choose another --out")
+
+
 def main(argv):
-    p = argparse.ArgumentParser(description="Dense vs MoD, side by side (see the top of bench.py).")
+    p = train.ArgumentParser(prog="bench.py", description="Dense vs MoD, side by side (see the top of bench.py).")
     p.add_argument("--device", default="", help="cpu or cuda (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the models for the training step")
@@ -488,17 +509,24 @@ def main(argv):
     p.add_argument("--eval_iters", type=int, default=200)
     p.add_argument("--out", default="bench.md", help="where to write the markdown (default: bench.md)")
     p.add_argument("--figures", action="store_true", help="only draw the README's pictures into figures/ (minutes)")
-    args = p.parse_args(argv)
-    device = train.pick_device(args.device)
-    if args.dtype != "float32" and not device.startswith("cuda"):
-        raise SystemExit("error: --dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
-    unknown = set(args.shapes.split(",")) - SHAPES.keys()
-    if unknown:
-        raise SystemExit(f"error: unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
-    if args.figures:  # the pictures alone: no speed measurement, no markdown
-        figures(device)
-        return
+    try:
+        args = p.parse_args(argv)
+        device = train.pick_device(args.device)
+        check_args(args, device)
+        if args.figures:  # the pictures alone: no speed measurement, no markdown
+            figures(device)
+        else:
+            run(args, argv, device)
+    except (train.ConfigError, train.DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
+        raise SystemExit(f"error: {train.describe_os_error(e)}: check the path and its permissions") from None
+    except KeyboardInterrupt:
+        print("stopped: nothing written to --out", file=sys.stderr)
+        sys.exit(130)
 
+
+def run(args, argv, device):
     lines = [f"## bench.py on {machine(device)}", "",
              f"`python bench.py {' '.join(argv)}`".replace(" `", "`"), "",
              f"dtype {args.dtype}{', torch.compile' if args.compile else ''}, median of {args.repeats} interleaved "

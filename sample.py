@@ -1,7 +1,7 @@
 """
 Sample from a trained Mixture-of-Depths model and watch causal routing at work.
 
-    python sample.py                                  # 3 samples from out/ckpt.pt, as one batch
+    python sample.py                                  # 3 samples from out/best.pt, as one batch
     python sample.py --start="ROMEO:" --show_routing  # which tokens each routed block spent compute on
     python sample.py --start=FILE:prompt.txt --num_samples=8 --routing=router
 
@@ -11,10 +11,13 @@ skips the block costs nothing there and stores no keys/values. The report after 
 how much smaller the KV cache is than a dense model's, and how often the predictor agreed with what top-k would have
 chosen on the finished text.
 
+It loads out_dir/best.pt, the model with the lowest validation loss (train.py writes it at an evaluation that
+improves on all earlier ones), or with --checkpoint=latest out_dir/ckpt.pt, the state where training stopped. Before
+training's first evaluation there is no best.pt yet, and ckpt.pt is used (with a note).
+
 From Python: import sample; report = sample.main(start="ROMEO:", show_routing=True)
 """
 
-import argparse
 import os
 import sys
 import time
@@ -23,18 +26,30 @@ import torch
 
 from data.prepare import DataError, Tokenizer
 from mod import MoDBlock, MoDConfig, MoDGPT
-from train import ConfigError, load_checkpoint, pick_device
+from train import ArgumentParser, ConfigError, describe_os_error, first_reason, load_checkpoint, pick_device
 
 
-def load_model(out_dir, device):
-    """The model and tokenizer saved by train.py in out_dir/ckpt.pt."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}: train one with python train.py (it writes out/ckpt.pt), "
-                          f"or point --out_dir at the folder that holds ckpt.pt")
-    ckpt = load_checkpoint(path)
-    model = MoDGPT(MoDConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+def load_model(out_dir, device, checkpoint="best"):
+    """The model and tokenizer that train.py saved in out_dir: best.pt (the lowest validation loss; ckpt.pt while
+    there is none yet) or, with checkpoint="latest", ckpt.pt (where training stopped)."""
+    if checkpoint not in ("best", "latest"):
+        raise ConfigError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+    best, latest = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "ckpt.pt")
+    path = best if checkpoint == "best" else latest
+    if checkpoint == "best" and not os.path.exists(best) and os.path.exists(latest):
+        print(f"note: no best.pt in {out_dir} yet (training writes it at its first evaluation): sampling from "
+              f"ckpt.pt, where training stopped")
+        path = latest
+    if not os.path.isfile(path):
+        raise ConfigError(f"no checkpoint at {path}: train one with python train.py (it writes out/best.pt and "
+                          f"out/ckpt.pt), or point --out_dir at the folder that holds it")
+    ckpt = load_checkpoint(path, need=("model", "model_config", "meta"))  # NaN weights are refused here too
+    try:
+        model = MoDGPT(MoDConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # a config of another version, or weights of another shape
+        raise ConfigError(f"{path} holds a model this mod.py cannot build ({first_reason(e)}): "
+                          f"train it again with this version") from None
     return model.to(device).eval(), Tokenizer(ckpt["meta"])
 
 
@@ -127,7 +142,7 @@ def topk_agreement(model, idx, routing):
 
 
 def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8, top_k=200, seed=1337,
-         device="", routing="predictor", show_routing=False, color="auto"):
+         device="", routing="predictor", show_routing=False, color="auto", checkpoint="best"):
     """Generate num_samples samples as one batch; print them, the routing if asked, and a report. Returns the report
     as a dict (samples, tokens_per_s, kv_bytes, dense_kv_bytes, per-block routing and agreement)."""
     if routing not in ("predictor", "router"):
@@ -138,7 +153,7 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
         raise ConfigError(f"--color must be auto, always or never, got {color!r}")
     device = pick_device(device)
     torch.manual_seed(seed)
-    model, tokenizer = load_model(out_dir, device)
+    model, tokenizer = load_model(out_dir, device, checkpoint)
     cfg = model.config
     ids, notes = encode_prompt(start, tokenizer, cfg.block_size)
     for note in notes:
@@ -196,8 +211,11 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
 
 
 def cli(argv):
-    p = argparse.ArgumentParser(description="Sample from a trained MoD model (see the top of sample.py).")
-    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default: out)")
+    p = ArgumentParser(prog="sample.py", description="Sample from a trained MoD model (see the top of sample.py).")
+    p.add_argument("--out_dir", default="out", help="folder holding the checkpoints (default: out)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                   help="best: best.pt, the lowest validation loss (ckpt.pt while there is none yet); latest: ckpt.pt, "
+                        "where training stopped (default: best)")
     p.add_argument("--start", default="\n", help='the prompt, or FILE:path to read it from a file (default: "\\n")')
     p.add_argument("--num_samples", type=int, default=3, help="samples, generated as one batch (default: 3)")
     p.add_argument("--max_new_tokens", type=int, default=500)
@@ -210,12 +228,17 @@ def cli(argv):
     p.add_argument("--show_routing", action="store_true", help="show which tokens each routed block processed")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                    help="shade tokens in colour (auto: when printing to a terminal)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         main(args.out_dir, args.start, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-             args.seed, args.device, args.routing, args.show_routing, args.color)
+             args.seed, args.device, args.routing, args.show_routing, args.color, args.checkpoint)
     except (ConfigError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
+        raise SystemExit(f"error: {describe_os_error(e)}: check the path and its permissions") from None
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 `python -m pytest`. The BPE test needs tiktoken's r50k_base: online, or TIKTOKEN_CACHE_DIR set to a cache of it."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -885,8 +886,8 @@ def test_resume_continues_exactly(char_data, tmp_path):
 
 def test_checkpoint_is_written_atomically(char_data, tmp_path, monkeypatch):
     train.main(**tiny_run(char_data, tmp_path, max_iters=3))
-    ckpt_path = tmp_path / "ckpt.pt"
-    before = ckpt_path.read_bytes()
+    ckpt_path, best_path = tmp_path / "ckpt.pt", tmp_path / "best.pt"
+    before, best_before = ckpt_path.read_bytes(), best_path.read_bytes()
 
     def crash(obj, path):  # the process dies in the middle of writing the checkpoint
         with open(path, "wb") as f:
@@ -896,8 +897,9 @@ def test_checkpoint_is_written_atomically(char_data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
     assert ckpt_path.read_bytes() == before  # the last good checkpoint survived
+    assert best_path.read_bytes() == best_before  # and so did the best one
     # and no half-written file is left (metrics.jsonl is the run's log, also written by rename)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
 
 
 def test_ctrl_c_saves_between_iterations_and_resume_is_exact(char_data, tmp_path, monkeypatch):
@@ -1246,3 +1248,574 @@ def test_tutorial_notebook_runs_top_to_bottom_in_a_kernel(tmp_path, monkeypatch)
     assert len(pictures) == 3  # loss curves, routing map, most-routed tokens
     for run in ("mod", "dense"):
         assert (tmp_path / "runs" / run / "metrics.jsonl").exists()
+
+
+# =============================================================================
+# Nothing lost, nothing cryptic: every fault and bad input through the real command lines (a table), signals,
+# the checkpoint policy (ckpt.pt the latest state, best.pt the best model), train.py --help, bf16/fp16 on a CPU
+
+import hashlib  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from collections import namedtuple  # noqa: E402
+
+PROJECT_MODULES = ("train", "mod", "sample", "bench", "data", "data.prepare")
+
+
+def snapshot(folders):
+    """{path: sha256 of its bytes} of every file under the folders (bytecode caches aside)."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def run_scripts(cases_path):
+    """Run each command line of the JSON file cases_path as `python script args...` would, one after the other in this
+    process, and write what each did to cases_path + ".out": exit status, stdout, stderr, and the files it created,
+    changed or removed in the folders it watches. Each script runs as __main__ with its own argv, working folder and
+    environment, and imports the project afresh (from its own copy, if it has one); an exception it does not catch is
+    printed as a traceback with exit status 1, as the interpreter does. One process for all: torch is imported once."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    with open(cases_path) as f:
+        cases = json.load(f)
+    base_path, base_env = list(sys.path), dict(os.environ)
+    results = []
+    for case in cases:
+        for name in PROJECT_MODULES:
+            sys.modules.pop(name, None)
+        sys.path[:] = [os.path.dirname(case["script"])] + base_path[1:]
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(case["env"])
+        os.chdir(case["cwd"])
+        sys.argv = [case["script"]] + case["args"]
+        before = snapshot(case["watch"])
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(case["script"], run_name="__main__")
+                status = 0
+            except SystemExit as e:  # what the interpreter does with it
+                status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, int) and e.code is not None:
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                status = 1
+        after = snapshot(case["watch"])
+        touched = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+        results.append(dict(status=status, stdout=out.getvalue(), stderr=err.getvalue(), touched=touched))
+    with open(cases_path + ".out", "w") as f:
+        json.dump(results, f)
+
+
+# A fault: the command line (the script, relative to the repository unless it starts with a placeholder, and its
+# arguments), the pattern its one error line must match, and what to set up in the case's own folder {dir} first.
+# Placeholders: {dir} the case's folder; {data} a good char dataset and {ckpt} a folder with a good checkpoint
+# (ckpt.pt and best.pt), both shared and watched by every case; {model} tiny model and run settings (no data_dir or
+# out_dir); {same_size} and {other_size} datasets whose vocabulary has the same / another size as {data}'s;
+# {read_only} a folder this process cannot write to.
+Fault = namedtuple("Fault", "id command pattern setup env", defaults=(None, None))
+
+MODEL = ("--device=cpu --n_layer=2 --n_head=2 --n_embd=32 --block_size=32 --batch_size=8 --max_iters=2 "
+         "--eval_interval=2 --eval_iters=1 --log_interval=1 --sample_tokens=0 --predictor_hidden=16")
+
+
+def checkpoint_file(name, change):
+    """A setup: {dir}/name is the good checkpoint, changed by change(dict)."""
+    def setup(case_dir, assets):
+        ckpt = torch.load(assets / "ckpt" / "ckpt.pt", weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, case_dir / name)
+    return setup
+
+
+def nan_weights(ckpt):
+    ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
+
+
+def text_file(name, content):
+    def setup(case_dir, assets):
+        (case_dir / name).write_bytes(content)
+    return setup
+
+
+def data_copy(change=None, without=None):
+    """A setup: {dir}/data is a copy of the good dataset, without one of its files or with change(folder) done."""
+    def setup(case_dir, assets):
+        shutil.copytree(assets / "data", case_dir / "data")
+        if without:
+            (case_dir / "data" / without).unlink()
+        if change:
+            change(case_dir / "data")
+    return setup
+
+
+def checkpoints(*names):
+    def setup(case_dir, assets):
+        (case_dir / "out").mkdir()
+        for name in names:
+            shutil.copy(assets / "ckpt" / name, case_dir / "out" / name)
+    return setup
+
+
+def repo_copy(*data_files):
+    """A setup: {dir}/repo is a copy of the project's code (so its default data folder, repo/data/shakespeare_char,
+    is the case's own), holding the given files of the good dataset there."""
+    def setup(case_dir, assets):
+        for name in ("train.py", "mod.py", "sample.py", "bench.py", "data/__init__.py", "data/prepare.py",
+                     "data/shakespeare_char/prepare.py", "data/shakespeare/prepare.py"):
+            (case_dir / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, case_dir / "repo" / name)
+        for name in data_files:
+            shutil.copy(assets / "data" / name, case_dir / "repo" / "data" / "shakespeare_char" / name)
+    return setup
+
+
+def odd_train_bin(folder):
+    with open(folder / "train.bin", "ab") as f:
+        f.write(b"\x01")
+
+
+def val_id_out_of_range(folder):
+    ids = np.fromfile(folder / "val.bin", dtype=np.uint16)
+    ids[5] = 60000
+    ids.tofile(folder / "val.bin")
+
+
+def meta_without_vocab_size(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["vocab_size"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def small_dataset(case_dir, assets):
+    (case_dir / "small.txt").write_text(SMALL_TEXT)  # under 300 characters: under 32 validation tokens
+    prepare("shakespeare_char", str(case_dir / "small.txt"), str(case_dir / "data"))
+
+
+def wider_model_config(ckpt):
+    ckpt["model_config"]["n_embd"] = 64  # the weights are 32 wide
+
+
+TEN_BYTES = b"To be, or\n"
+TRAIN = f"train.py {MODEL} --data_dir={{data}}"  # a scratch run on the good data; each row adds its --out_dir
+RESUME = "train.py --device=cpu --init_from=resume"
+
+FAULTS = [
+    # train.py: settings
+    Fault("unknown setting", "train.py --n_layers=3",
+          r"^error: unknown setting --n_layers \(did you mean --n_layer\?\); the settings are the fields"),
+    Fault("abbreviated setting", "train.py --max_iter=3", r"unknown setting --max_iter \(did you mean --max_iters\?\)"),
+    Fault("not --key=value", "train.py max_iters=3", r"cannot read argument 'max_iters=3': write settings as --key="),
+    Fault("flag without its value", "train.py --max_iters", r"argument --max_iters: expected one argument"),
+    Fault("same flag twice", f"{TRAIN} --out_dir={{dir}} --seed=1 --seed=2", r"--seed is given 2 times: give it once"),
+    Fault("int that is no int", f"{TRAIN} --out_dir={{dir}} --seed=ten", r"--seed expects int, got 'ten'"),
+    Fault("bool that is no bool", f"{TRAIN} --out_dir={{dir}} --compile=maybe", r"--compile expects bool"),
+    Fault("beta1=2", f"{TRAIN} --out_dir={{dir}} --beta1=2", r"--beta1 must be in \[0, 1\)"),
+    Fault("learning_rate=inf", f"{TRAIN} --out_dir={{dir}} --learning_rate=inf",
+          r"--learning_rate must be a finite number, got 'inf'"),
+    Fault("dropout=nan", f"{TRAIN} --out_dir={{dir}} --dropout=nan", r"--dropout must be a finite number"),
+    Fault("vocab_size from scratch", f"{TRAIN} --out_dir={{dir}} --vocab_size=10",
+          r"--vocab_size=10 cannot be set: the vocabulary comes from the data"),
+    Fault("warmup_iters=-1", f"{TRAIN} --out_dir={{dir}} --warmup_iters=-1", r"--warmup_iters must be >= 0, got -1"),
+    Fault("unknown dataset", f"{TRAIN} --out_dir={{dir}} --dataset=shakespeare_word",
+          r"--dataset must be shakespeare_char or shakespeare"),
+    Fault("unknown device", "train.py --device=gpu", r"--device=gpu is not a device: use cpu, cuda"),
+    Fault("unknown dtype", f"{TRAIN} --out_dir={{dir}} --dtype=float64", r"--dtype must be auto, float32, bfloat16"),
+    Fault("model setting out of range", f"{TRAIN} --out_dir={{dir}} --capacity=0", r"capacity must be in \(0, 1\]"),
+    # train.py: out_dir
+    Fault("out_dir empty", f"{TRAIN} --out_dir=", r"--out_dir is empty: name a folder"),
+    Fault("out_dir is a file", f"{TRAIN} --out_dir={{dir}}/file", r"--out_dir=.*/file is a file, not a folder",
+          text_file("file", b"not a folder")),
+    Fault("out_dir inside a file", f"{TRAIN} --out_dir={{dir}}/file/out", r"cannot write to --out_dir=.*/file/out",
+          text_file("file", b"not a folder")),
+    Fault("out_dir read-only", f"{TRAIN} --out_dir={{read_only}}", r"cannot write to --out_dir=.*choose a folder"),
+    Fault("scratch run over a checkpoint", f"{TRAIN} --out_dir={{dir}}/out",
+          r"holds ckpt.pt and best.pt of an earlier run.*--init_from=resume.*another --out_dir.*--overwrite=True",
+          checkpoints("ckpt.pt", "best.pt")),
+    Fault("scratch run over a lone best.pt", f"{TRAIN} --out_dir={{dir}}/out", r"holds best.pt of an earlier run",
+          checkpoints("best.pt")),
+    # train.py: resume
+    Fault("resume without a checkpoint", f"{RESUME} --out_dir={{dir}}", r"no checkpoint at .*ckpt.pt: train one first"),
+    Fault("resume a corrupt checkpoint", f"{RESUME} --out_dir={{dir}}", r"ckpt.pt is not a readable checkpoint",
+          text_file("ckpt.pt", b"half a checkpoint")),
+    Fault("resume without rng_state", f"{RESUME} --out_dir={{dir}}", r"ckpt.pt is not a checkpoint of this train.py "
+          r"\(missing \['rng_state'\]\)", checkpoint_file("ckpt.pt", lambda c: c.pop("rng_state"))),
+    Fault("resume without meta", f"{RESUME} --out_dir={{dir}}", r"\(missing \['meta'\]\)",
+          checkpoint_file("ckpt.pt", lambda c: c.pop("meta"))),
+    Fault("resume NaN weights", f"{RESUME} --out_dir={{dir}}", r"ckpt.pt holds non-finite weights",
+          checkpoint_file("ckpt.pt", nan_weights)),
+    Fault("resume weights that do not fit", f"{RESUME} --out_dir={{dir}}", r"ckpt.pt does not fit this model",
+          checkpoint_file("ckpt.pt", wider_model_config)),
+    Fault("resume with another n_layer", f"{RESUME} --out_dir={{ckpt}} --n_layer=3",
+          r"the checkpoint was trained with n_layer=2, not 3: drop --n_layer"),
+    Fault("resume on other text, same vocab size", f"{RESUME} --out_dir={{ckpt}} --data_dir={{same_size}}",
+          r"vocabulary is not the one of .*same_size \(both have \d+ tokens, but different ones\)"),
+    Fault("resume on a vocab of another size", f"{RESUME} --out_dir={{ckpt}} --data_dir={{other_size}}",
+          r"the checkpoint's vocabulary has \d+ tokens but .*other_size has \d+"),
+    # train.py: data
+    Fault("data_dir missing", f"train.py {MODEL} --data_dir={{dir}}/none --out_dir={{dir}}/out",
+          r"holds no train.bin/val.bin/meta.json: prepare it with python data/shakespeare_char/prepare.py --out_dir="),
+    Fault("partial dataset, no meta.json", f"train.py {MODEL} --data_dir={{dir}}/data --out_dir={{dir}}/out",
+          r"holds train.bin and val.bin but no meta.json: a partial dataset.*prepare.py", data_copy(without="meta.json")),
+    Fault("train.bin odd byte count", f"train.py {MODEL} --data_dir={{dir}}/data --out_dir={{dir}}/out",
+          r"/train.bin has an odd number of bytes", data_copy(odd_train_bin)),
+    Fault("val.bin id out of range", f"train.py {MODEL} --data_dir={{dir}}/data --out_dir={{dir}}/out",
+          r"/val.bin holds token id 60000, but the vocabulary in meta.json has", data_copy(val_id_out_of_range)),
+    Fault("meta.json without vocab_size", f"train.py {MODEL} --data_dir={{dir}}/data --out_dir={{dir}}/out",
+          r"meta.json has no valid vocab_size", data_copy(meta_without_vocab_size)),
+    Fault("meta.json not JSON", f"train.py {MODEL} --data_dir={{dir}}/data --out_dir={{dir}}/out",
+          r"meta.json is not valid JSON", data_copy(lambda folder: (folder / "meta.json").write_text("{oops"))),
+    Fault("too few tokens for block_size", f"train.py {MODEL} --data_dir={{dir}}/data --out_dir={{dir}}/out",
+          r"val.bin holds \d+ tokens, too few for block_size 32: .*prepare.py --out_dir=.* --input=PATH",
+          small_dataset),
+    Fault("default data, a 10-byte text", f"{{dir}}/repo/train.py {MODEL} --out_dir={{dir}}/out",
+          r"ten.txt \(10 characters\) gives 9 training tokens, too few .*nothing was written", repo_copy(),
+          {"SHAKESPEARE_TXT": "{dir}/ten.txt"}),
+    Fault("default data, partial", f"{{dir}}/repo/train.py {MODEL} --out_dir={{dir}}/out",
+          r"holds train.bin but no val.bin or meta.json: a partial dataset", repo_copy("train.bin")),
+    # sample.py
+    Fault("sample, no checkpoint", "sample.py --out_dir={dir}", r"no checkpoint at .*best.pt: train one"),
+    Fault("sample, no latest", "sample.py --out_dir={dir}/out --checkpoint=latest", r"no checkpoint at .*ckpt.pt",
+          checkpoints("best.pt")),
+    Fault("sample, corrupt checkpoint", "sample.py --out_dir={dir}", r"best.pt is not a readable checkpoint",
+          text_file("best.pt", b"\x00" * 100)),
+    Fault("sample, checkpoint without meta", "sample.py --out_dir={dir}", r"\(missing \['meta'\]\)",
+          checkpoint_file("best.pt", lambda c: c.pop("meta"))),
+    Fault("sample, config does not fit", "sample.py --out_dir={dir}", r"holds a model this mod.py cannot build",
+          checkpoint_file("best.pt", wider_model_config)),
+    Fault("sample, NaN weights", "sample.py --out_dir={dir}", r"best.pt holds non-finite weights",
+          checkpoint_file("best.pt", nan_weights)),
+    Fault("sample, not a number", "sample.py --out_dir={ckpt} --num_samples=x",
+          r"argument --num_samples: invalid int value: 'x'"),
+    Fault("sample, zero samples", "sample.py --out_dir={ckpt} --num_samples=0", r"--num_samples .* must be >= 1"),
+    Fault("sample, NaN temperature", "sample.py --out_dir={ckpt} --device=cpu --temperature=nan",
+          r"temperature must be >= 0, a finite number"),
+    Fault("sample, top-k routing", "sample.py --out_dir={ckpt} --routing=topk", r"invalid choice: 'topk'"),
+    Fault("sample, missing prompt file", "sample.py --out_dir={ckpt} --device=cpu --start=FILE:{dir}/none.txt",
+          r"cannot read the prompt file .*none.txt"),
+    Fault("sample, unknown device", "sample.py --out_dir={ckpt} --device=foo", r"--device=foo is not a device"),
+    Fault("sample, same flag twice", "sample.py --out_dir={ckpt} --top_k=5 --top_k=6", r"--top_k is given 2 times"),
+    # bench.py
+    Fault("bench, unknown device", "bench.py --device=foo", r"--device=foo is not a device"),
+    Fault("bench, repeats=0", "bench.py --repeats=0", r"--repeats must be >= 1, got 0"),
+    Fault("bench, quality_iters=0", "bench.py --quality_iters=0", r"--quality_iters must be >= 1"),
+    Fault("bench, --out in a missing folder", "bench.py --out={dir}/none/bench.md", r"there is no folder .*none"),
+    Fault("bench, --out is a folder", "bench.py --out={dir}", r"--out=.* is a folder: name a file"),
+    Fault("bench, unknown shape", "bench.py --shapes=huge", r"unknown shape\(s\) \['huge'\]"),
+    # data/*/prepare.py
+    Fault("prepare, missing input", "data/shakespeare_char/prepare.py --input={dir}/none.txt --out_dir={dir}/data",
+          r"--input names .*none.txt.*which is not a file"),
+    Fault("prepare, 10-byte text over good data", "data/shakespeare_char/prepare.py --input={dir}/ten.txt "
+          "--out_dir={dir}/data", r"gives 1 validation tokens, too few.*nothing was written",
+          lambda case_dir, assets: (text_file("ten.txt", TEN_BYTES)(case_dir, assets), data_copy()(case_dir, assets))),
+    Fault("prepare, not UTF-8", "data/shakespeare_char/prepare.py --input={dir}/latin1.txt --out_dir={dir}/data",
+          r"latin1.txt is not UTF-8 text", text_file("latin1.txt", "Romeo\xe9\n".encode("latin-1") * 50)),
+    Fault("prepare, out_dir is a file", "data/shakespeare_char/prepare.py --input={dir}/in.txt --out_dir={dir}/in.txt",
+          r"cannot write to .*in.txt", text_file("in.txt", SMALL_TEXT.encode())),
+    Fault("prepare, unknown flag", "data/shakespeare_char/prepare.py --inpt=x", r"unrecognized arguments: --inpt=x"),
+    Fault("prepare BPE, empty text", "data/shakespeare/prepare.py --input={dir}/empty.txt --out_dir={dir}/data",
+          r"empty.txt is empty", text_file("empty.txt", b"")),
+]
+
+
+def read_only_folder(root):
+    """A folder this process cannot write to: a read-only one, or /sys for root, whom permission bits do not stop."""
+    folder = root / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            train.check_writable(candidate)
+        except OSError:
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def fault_runs(char_data, tmp_path_factory):
+    """Set up every fault of FAULTS in a folder of its own, run them all (run_scripts), return {id: what it did}."""
+    root = tmp_path_factory.mktemp("faults")
+    assets = root / "assets"
+    shutil.copytree(char_data, assets / "data")
+    train.main(**tiny_run(str(assets / "data"), assets / "ckpt", max_iters=2, eval_interval=2, eval_iters=1))
+    text = (Path(char_data).parent / "input.txt").read_text()
+    for name, other in (("same_size", text.replace("a", "@")), ("other_size", text.replace("a", ""))):
+        (root / f"{name}.txt").write_text(other)
+        prepare("shakespeare_char", str(root / f"{name}.txt"), str(assets / name))
+    read_only = read_only_folder(root)
+    places = dict(data=assets / "data", ckpt=assets / "ckpt", same_size=assets / "same_size",
+                  other_size=assets / "other_size", read_only=read_only, model=MODEL)
+    cases = []
+    for n, fault in enumerate(FAULTS):
+        case_dir = root / f"case{n}"
+        case_dir.mkdir()
+        if fault.setup:
+            fault.setup(case_dir, assets)
+        (case_dir / "ten.txt").write_bytes(TEN_BYTES)
+        fill = lambda text: text.format(dir=case_dir, **places)  # noqa: E731
+        script, *args = shlex.split(fill(fault.command))
+        cases.append(dict(script=str(REPO / script) if not os.path.isabs(script) else script, args=args,
+                          cwd=str(case_dir), env={k: fill(v) for k, v in (fault.env or {}).items()},
+                          watch=[str(case_dir), str(assets)]))
+    with open(root / "cases.json", "w") as f:
+        json.dump(cases, f)
+    run = subprocess.run([sys.executable, "-c", "import sys, test_mod; test_mod.run_scripts(sys.argv[1])",
+                          str(root / "cases.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(root / "cases.json.out") as f:
+        results = json.load(f)
+    return {fault.id: (result, read_only) for fault, result in zip(FAULTS, results)}
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[fault.id for fault in FAULTS])
+def test_a_fault_ends_in_one_clear_line_and_changes_no_file(fault, fault_runs):
+    result, read_only = fault_runs[fault.id]
+    if "{read_only}" in fault.command and read_only is None:
+        pytest.skip("no folder here is read-only to this process")
+    output = result["stdout"] + result["stderr"]
+    assert result["status"] != 0, output
+    assert "Traceback" not in output, output
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
+    assert re.search(fault.pattern, lines[0]), lines[0]
+    assert result["touched"] == []  # no checkpoint, dataset or other file created, changed or removed
+
+
+def test_the_fault_table_is_large_enough():
+    assert len(FAULTS) >= 40 and len({fault.id for fault in FAULTS}) == len(FAULTS)
+
+
+def start_training(args, cwd=REPO):
+    """train.py in a subprocess, its output unbuffered so that its lines can be waited for; one thread, which is all
+    a tiny model needs and all a shared machine should give it."""
+    return subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_line(proc, text, timeout=120):
+    """Read proc's output until a line holding text (returns everything read so far)."""
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if text in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"never printed {text!r}:\n{seen}")
+
+
+def test_sigterm_saves_like_ctrl_c_and_exits_143(char_data, tmp_path):
+    args = [f"--{k}={v}" for k, v in tiny_run(char_data, tmp_path, max_iters=100000, eval_interval=100000).items()]
+    proc = start_training(args)
+    seen = wait_for_line(proc, "iter 2:")  # training has started
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    output = seen + rest
+    assert proc.returncode == 143, output  # 128 + 15, as shells report a process stopped by SIGTERM
+    assert "Traceback" not in output
+    stopped_at = int(re.search(r"SIGTERM: stopped at iteration (\d+)", output).group(1))
+    assert f"saved {tmp_path / 'ckpt.pt'}; continue with --init_from=resume" in output
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == stopped_at >= 2  # whole iterations only
+    assert not (tmp_path / "best.pt").exists()  # no evaluation since iteration 0: no best model to save
+
+
+def test_nan_weights_then_ctrl_c_keep_the_good_checkpoints(char_data, tmp_path):
+    train.main(**tiny_run(char_data, tmp_path, max_iters=3))
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "best.pt")}
+    # lr 1e6 without clipping: NaN weights within two iterations; no evaluation or log line notices it
+    args = [f"--{k}={v}" for k, v in tiny_run(char_data, tmp_path, init_from="resume", learning_rate=1e6, min_lr=0,
+                                               decay_lr=False, grad_clip=0, max_iters=100000, eval_interval=100000,
+                                               log_interval=100000).items()]
+    proc = start_training(args)
+    seen = wait_for_line(proc, "tokens per iteration")  # the last line before the training loop
+    time.sleep(4)  # dozens of iterations of this tiny model even on a busy machine (2 make its weights NaN)
+    proc.send_signal(signal.SIGINT)  # a real Ctrl-C
+    rest, _ = proc.communicate(timeout=120)
+    output = seen + rest
+    assert proc.returncode == 130, output  # 128 + 2: interrupted, so `train.py && sample.py` stops here
+    assert "Traceback" not in output
+    assert "not saved: the weights are not finite (NaN or inf)" in output
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # both good checkpoints intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+    sample.main(out_dir=str(tmp_path), num_samples=1, max_new_tokens=5, device="cpu")  # still usable
+
+
+def test_a_second_ctrl_c_lets_the_save_in_progress_finish(char_data, tmp_path, monkeypatch):
+    settings = dict(max_iters=8, lr_decay_iters=8, eval_interval=4)
+    real_for_iteration, real_save = train.Batches.for_iteration, torch.save
+
+    def ctrl_c_during_iteration_5(self, it):
+        if it == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: finish iteration 5, save, stop
+        return real_for_iteration(self, it)
+
+    def ctrl_c_again_while_saving(obj, path):
+        if obj["iter_num"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the second, impatient one, in the middle of that save
+        real_save(obj, path)
+    monkeypatch.setattr(train.Batches, "for_iteration", ctrl_c_during_iteration_5)
+    monkeypatch.setattr(torch, "save", ctrl_c_again_while_saving)
+    with pytest.raises(KeyboardInterrupt):  # it stops at once ...
+        train.main(**tiny_run(char_data, tmp_path, **settings))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 6  # ... after the save finished
+    # and no temporary file is left (metrics.jsonl is the run's log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt", "metrics.jsonl"]
+
+    def sigterm_during_iteration_5(self, it):
+        if it == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_for_iteration(self, it)
+    monkeypatch.setattr(train.Batches, "for_iteration", sigterm_during_iteration_5)
+    monkeypatch.setattr(torch, "save", real_save)
+    result = train.main(**tiny_run(char_data, tmp_path / "term", **settings))
+    assert result["interrupted"] and result["signal"] == "SIGTERM" and result["iter_num"] == 6  # main() returns
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the usual SIGTERM is back
+
+
+def test_best_pt_keeps_the_best_model_and_sample_loads_it(char_data, tmp_path, monkeypatch, capsys):
+    # evaluations scripted: val loss 3.0 at iteration 2, 2.0 at 4 (the best), 2.5 at 6; after a resume 2.5, 2.4
+    val_losses = iter([9.0, 3.0, 2.0, 2.5, 2.5, 2.4])
+    monkeypatch.setattr(train, "evaluate", lambda *args: dict(train_topk=1.0, val_topk=next(val_losses)))
+    result = train.main(**tiny_run(char_data, tmp_path, mod_every=0, eval_interval=2))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    latest = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert best["iter_num"] == 4 and best["best_val_loss"] == 2.0  # the worse model of iteration 6 did not replace it
+    assert latest["iter_num"] == 6 and latest["best_val_loss"] == 2.0  # ckpt.pt: the latest state, to resume
+    assert result["best_path"] == str(tmp_path / "best.pt")
+    # a resume that only gets worse leaves best.pt alone too
+    best_bytes = (tmp_path / "best.pt").read_bytes()
+    train.main(**tiny_run(char_data, tmp_path, mod_every=0, eval_interval=2, max_iters=8, lr_decay_iters=8,
+                          init_from="resume"))
+    assert (tmp_path / "best.pt").read_bytes() == best_bytes
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    # sample.py loads best.pt unless asked for the latest state
+    capsys.readouterr()
+    model, _ = sample.load_model(str(tmp_path), "cpu")
+    assert torch.equal(model.lm_head.weight, best["model"]["lm_head.weight"])
+    model, _ = sample.load_model(str(tmp_path), "cpu", checkpoint="latest")
+    assert not torch.equal(model.lm_head.weight, best["model"]["lm_head.weight"])
+    (tmp_path / "best.pt").unlink()  # before the first evaluation there is no best.pt: ckpt.pt, with a note
+    sample.load_model(str(tmp_path), "cpu")
+    assert "no best.pt in" in capsys.readouterr().out
+
+
+def test_overwrite_lets_a_scratch_run_start_over(char_data, tmp_path, capsys):
+    train.main(**tiny_run(char_data, tmp_path, max_iters=3))
+    with pytest.raises(train.ConfigError, match="--init_from=resume, train into another --out_dir, or start over "
+                                                "with --overwrite=True"):
+        train.main(**tiny_run(char_data, tmp_path, max_iters=3))
+    result = train.main(**tiny_run(char_data, tmp_path, max_iters=1, eval_interval=1, overwrite=True))
+    assert "removed" in capsys.readouterr().out
+    assert torch.load(result["ckpt_path"], weights_only=True)["iter_num"] == 1
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["iter_num"] == 1  # not the earlier run's
+
+
+def test_two_runs_saving_into_one_out_dir_never_collide(tmp_path, monkeypatch):
+    real_save = torch.save
+    path = str(tmp_path / "ckpt.pt")
+
+    def another_run_saves_meanwhile(obj, f):
+        real_save(obj, f)
+        if obj == "ours":  # our temporary file is written; before we rename it, another run saves the same path
+            train.save_checkpoint(path, "theirs")
+    monkeypatch.setattr(torch, "save", another_run_saves_meanwhile)
+    train.save_checkpoint(path, "ours")  # with one shared ckpt.pt.tmp, the other run renamed ours away: a crash
+    assert torch.load(path, weights_only=True) == "ours" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_the_default_data_folder_is_prepared_only_when_empty(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "HERE", str(tmp_path))  # data/shakespeare_char under tmp_path
+    folder = tmp_path / "data" / "shakespeare_char"
+    run = tiny_run("", tmp_path / "out", max_iters=0)
+    (tmp_path / "ten.txt").write_bytes(TEN_BYTES)
+    monkeypatch.setenv("SHAKESPEARE_TXT", str(tmp_path / "ten.txt"))
+    with pytest.raises(DataError, match="ten.txt .* too few .*nothing was written"):
+        train.main(**run)
+    assert not folder.exists() or list(folder.iterdir()) == []  # so it does not stick: fix the text, run again
+    (tmp_path / "verse.txt").write_text("".join(VERSES) * 40)
+    monkeypatch.setenv("SHAKESPEARE_TXT", str(tmp_path / "verse.txt"))
+    train.main(**run)
+    assert "preparing shakespeare_char" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    before = (folder / "train.bin").read_bytes()
+    (folder / "meta.json").unlink()
+    with pytest.raises(DataError, match="a partial dataset"):  # not prepared over: train.bin may be the user's
+        train.main(**run)
+    assert (folder / "train.bin").read_bytes() == before
+
+
+def test_train_help_lists_every_setting_with_type_default_and_meaning():
+    run = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})  # one line per setting
+    assert run.returncode == 0 and run.stderr == ""
+    for title in ("I/O (TrainConfig)", "data and optimisation (TrainConfig)", "system (TrainConfig)",
+                  "model (MoDConfig in mod.py)", "Mixture-of-Depths (MoDConfig in mod.py)"):
+        assert f"\n{title}:\n" in run.stdout
+    for config in (train.TrainConfig, MoDConfig):
+        for field in train.fields(config):
+            kind = field.type.__name__
+            line = re.search(rf"^  --{field.name} \[?{kind}\]?\s+(\S.*)$", run.stdout, re.MULTILINE)
+            assert line, f"--{field.name} {kind} is not listed"
+            meaning, default = re.fullmatch(r"(.+) \(default: (.+)\)", line.group(1)).groups()
+            assert len(meaning) > 10, field.name
+            if field.name != "vocab_size":
+                shown = '""' if field.default == "" else str(field.default)
+                assert shown in default or field.name in train.GPU_DEFAULTS, (field.name, default)
+    assert re.search(r"--batch_size int +.*\(default: 64 on a GPU, 12 on a CPU\)", run.stdout)  # the presets
+
+
+def test_flags_as_key_value_or_key_space_value():
+    assert train.parse_args(["--max_iters", "200", "--dataset=shakespeare"]) == {"max_iters": "200",
+                                                                                 "dataset": "shakespeare"}
+    assert train.parse_args(["--compile", "--eval_only=False"]) == {"compile": "True", "eval_only": "False"}
+    assert train.parse_args([]) == {}  # nothing asked: the device's preset decides
+    with pytest.raises(train.ConfigError, match="--max_iters is given 2 times"):
+        train.parse_args(["--max_iters=1", "--max_iters", "2"])
+
+
+def cpu_autocast_works(dtype):
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_training_on_a_cpu(char_data, tmp_path, dtype, capsys):
+    if not cpu_autocast_works(getattr(torch, dtype)):
+        pytest.skip(f"this torch has no CPU autocast for {dtype}")
+    result = train.main(**tiny_run(char_data, tmp_path, dtype=dtype, max_iters=4, eval_interval=4))
+    assert f"device cpu, {dtype}," in capsys.readouterr().out  # the autocast path, not float32
+    assert all(math.isfinite(v) for v in result["eval"].values())
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["train_config"]["dtype"] == dtype
+    assert bool(ckpt["scaler"]) == (dtype == "float16")  # a GradScaler for float16 only
+
+
+def test_auto_dtype_stays_float32_on_a_cpu():
+    assert train.pick_dtype("auto", "cpu") == "float32" and train.pick_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_grad_scaler_state_survives_a_checkpoint_and_resume(char_data, tmp_path):
+    if not cpu_autocast_works(torch.float16):
+        pytest.skip("this torch has no CPU autocast for float16")
+    settings = dict(dtype="float16", max_iters=6, eval_interval=3)
+    straight = train.main(**tiny_run(char_data, tmp_path / "a", **settings))
+    train.main(**tiny_run(char_data, tmp_path / "b", **{**settings, "max_iters": 3}))
+    resumed = train.main(**tiny_run(char_data, tmp_path / "b", init_from="resume", **settings))
+    a = torch.load(straight["ckpt_path"], weights_only=True)
+    b = torch.load(resumed["ckpt_path"], weights_only=True)
+    # the scaler counts its steps since the last overflow; a fresh scaler after the resume would count from 0
+    assert a["scaler"]["_growth_tracker"] > 3 and a["scaler"] == b["scaler"]
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])

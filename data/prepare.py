@@ -4,9 +4,11 @@ Prepare tiny-shakespeare for training, as nanoGPT's data/shakespeare*/prepare.py
   shakespeare_char   one token per character (65 of them)
   shakespeare        GPT-2's byte-pair encoding (tiktoken's r50k_base, 50257 tokens)
 
-Both write into data/<dataset>/:
+Both write into data/<dataset>/ (replacing what is there; train.py prepares only a folder that holds none of them):
   train.bin, val.bin   the first 90% and the last 10% of the text, as token ids in uint16 (raw numpy, no header)
-  meta.json            how to turn ids back into text (read it with load_meta, use it with Tokenizer)
+  meta.json            how to turn ids back into text (read it with load_meta, use it with Tokenizer); written last,
+                       so a folder with a meta.json holds a complete dataset
+The text is checked (readable UTF-8, long enough) before anything is written.
 
 Run one of:
   python data/shakespeare_char/prepare.py [--input PATH] [--out_dir DIR]
@@ -74,18 +76,23 @@ def _download(path):
         raise _offline_error(getattr(e, "reason", None) or e) from e
 
 
-def read_text(input_path=None):
-    """The whole corpus as a string. It comes from, in this order: input_path, $SHAKESPEARE_TXT,
-    the cached download CACHE_PATH, or a fresh download from URL (saved to CACHE_PATH)."""
+def text_path(input_path=None):
+    """The file the corpus comes from, in this order: input_path, $SHAKESPEARE_TXT, the cached download CACHE_PATH,
+    or a fresh download from URL (saved to CACHE_PATH)."""
     path = input_path or os.environ.get("SHAKESPEARE_TXT")
     if path:
         if not os.path.isfile(path):
             source = "--input" if input_path else "SHAKESPEARE_TXT"
             raise DataError(f"{source} names {path!r}, which is not a file: give the path of a copy of tinyshakespeare")
-    else:
-        path = CACHE_PATH
-        if not os.path.exists(path):
-            _download(path)
+        return path
+    if not os.path.exists(CACHE_PATH):
+        _download(CACHE_PATH)
+    return CACHE_PATH
+
+
+def read_text(input_path=None):
+    """The whole corpus as a string, from text_path(input_path)."""
+    path = text_path(input_path)
     try:
         with open(path, encoding="utf-8") as f:  # text mode, like nanoGPT: Windows line ends become "\n"
             text = f.read()
@@ -99,11 +106,33 @@ def read_text(input_path=None):
     return text
 
 
-def load_meta(data_dir):
-    """The meta.json that prepare wrote into data_dir, as a dict."""
+def prepare_command(data_dir, dataset=None):
+    """The command that prepares data_dir (again), for error messages."""
+    dataset = dataset or os.path.basename(os.path.normpath(data_dir))
+    script = f"python data/{dataset if dataset in DATASETS else '<dataset>'}/prepare.py"
+    if dataset in DATASETS and os.path.abspath(data_dir) == os.path.join(HERE, dataset):
+        return script  # its default folder
+    return f"{script} --out_dir={data_dir}"
+
+
+def meta_problem(meta):
+    """What is wrong with a meta dict, in a few words, or None: every key that Tokenizer and train.py rely on."""
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "tiktoken"):
+        return "is not a meta.json written by data/prepare.py"
+    vocab_size = meta.get("vocab_size")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= 2**16:
+        return f"has no valid vocab_size (an integer from 1 to 65536), got {vocab_size!r}"
+    if meta["tokenizer"] == "char" and (not isinstance(meta.get("chars"), str) or len(meta["chars"]) != vocab_size):
+        return "lacks its vocabulary (chars: one character per token)"
+    if meta["tokenizer"] == "tiktoken" and not isinstance(meta.get("encoding"), str):
+        return "lacks the name of its tiktoken encoding"
+    return None
+
+
+def load_meta(data_dir, dataset=None):
+    """The meta.json that prepare wrote into data_dir, as a dict, checked. dataset: for the error messages."""
     path = os.path.join(data_dir, "meta.json")
-    name = os.path.basename(os.path.normpath(data_dir))
-    run = f"python data/{name if name in DATASETS else '<dataset>'}/prepare.py"
+    run = prepare_command(data_dir, dataset)
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -111,9 +140,32 @@ def load_meta(data_dir):
         raise DataError(f"{path} not found: run {run} first") from None
     except ValueError as e:  # bad JSON or bad UTF-8
         raise DataError(f"{path} is not valid JSON ({e}): run {run} again") from None
-    if not isinstance(meta, dict) or "tokenizer" not in meta:
-        raise DataError(f"{path} is not a meta.json written by data/prepare.py: run {run} again")
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}): check its permissions, or run {run} again") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise DataError(f"{path} {problem}: run {run} again")
     return meta
+
+
+def check_token_files(data_dir, meta, block_size):
+    """Check train.bin and val.bin once, when training loads them, so that the training step need not: each must be
+    whole uint16 token ids (an even number of bytes), hold more than block_size tokens, and only ids that meta.json's
+    vocabulary has. Reads each file once (about a second per 500 MB)."""
+    run = prepare_command(data_dir, meta.get("dataset"))
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path)
+        if size % 2:
+            raise DataError(f"{path} has an odd number of bytes ({size:,}), so it is not uint16 token ids: "
+                            f"prepare the data again with {run}")
+        if size // 2 <= block_size:
+            raise DataError(f"{path} holds {size // 2:,} tokens, too few for block_size {block_size}: use a smaller "
+                            f"--block_size, or prepare it again from a longer text: {run} --input=PATH")
+        top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+        if top >= meta["vocab_size"]:
+            raise DataError(f"{path} holds token id {top}, but the vocabulary in meta.json has {meta['vocab_size']} "
+                            f"tokens: the files do not belong together; prepare the data again with {run}")
 
 
 # -----------------------------------------------------------------------------
@@ -156,7 +208,7 @@ class Tokenizer:
             return self.enc.encode(text, allowed_special={"<|endoftext|>"})
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
-            trained_on = f"{self.meta['dataset']}'s {self.vocab_size} characters"
+            trained_on = f"{self.meta.get('dataset', 'the data')}'s {self.vocab_size} characters"
             raise ValueError(f"characters not in the vocabulary: {', '.join(map(repr, unknown))}; "
                              f"the model was trained on {trained_on}; remove or replace them")
         return [self.stoi[c] for c in text]
@@ -184,13 +236,15 @@ def _make_meta(dataset, text):
 # prepare
 
 
-def prepare(dataset, input_path=None, out_dir=None):
+def prepare(dataset, input_path=None, out_dir=None, min_tokens=1):
     """Tokenize tiny-shakespeare and write train.bin, val.bin and meta.json into out_dir (default data/<dataset>/).
-    Returns the meta dict."""
+    Each part must hold more than min_tokens tokens (train.py passes its block_size). Everything is checked before
+    anything is written, so a bad text never replaces good files. Returns the meta dict."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     out_dir = out_dir or os.path.join(HERE, dataset)
-    text = read_text(input_path)
+    path = text_path(input_path)
+    text = read_text(path)
     meta = _make_meta(dataset, text)
     if meta["vocab_size"] > 2**16:
         raise DataError(f"the text has {meta['vocab_size']:,} distinct characters, too many for uint16 ids: "
@@ -201,15 +255,13 @@ def prepare(dataset, input_path=None, out_dir=None):
     n = int(len(text) * 0.9)
     train_ids = np.array(tokenizer.encode_ordinary(text[:n]), dtype=np.uint16)
     val_ids = np.array(tokenizer.encode_ordinary(text[n:]), dtype=np.uint16)
+    for split, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) <= min_tokens:
+            raise DataError(f"{path} ({len(text):,} characters) gives {len(ids):,} {split} tokens, too few (more "
+                            f"than {min_tokens} needed): give a longer text, such as tinyshakespeare (1.1 million "
+                            "characters), with --input PATH or SHAKESPEARE_TXT=PATH; nothing was written")
 
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        _write_atomic(os.path.join(out_dir, "train.bin"), train_ids.tofile)
-        _write_atomic(os.path.join(out_dir, "val.bin"), val_ids.tofile)
-        _write_atomic(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    except OSError as e:
-        raise DataError(f"cannot write to {out_dir} ({e.strerror}): pass --out_dir DIR to a writable folder") from e
-
+    _write_dataset(out_dir, train_ids, val_ids, meta)
     print(f"length of dataset in characters: {len(text):,}")
     print(f"vocab size: {meta['vocab_size']:,} ({meta['tokenizer']})")
     print(f"train has {len(train_ids):,} tokens")
@@ -218,16 +270,67 @@ def prepare(dataset, input_path=None, out_dir=None):
     return meta
 
 
+def _write_dataset(out_dir, train_ids, val_ids, meta):
+    """Write train.bin, val.bin and meta.json into out_dir, all or nothing as far as a filesystem allows: each file
+    goes to a temporary name first (a full disk fails here and changes nothing), then each is renamed into place,
+    meta.json last and its old copy removed first. So a folder with a meta.json holds a complete dataset; train.py
+    calls anything else partial and says how to prepare it again."""
+    files = {"train.bin": train_ids.tobytes(), "val.bin": val_ids.tobytes(),
+             "meta.json": json.dumps(meta, indent=1).encode()}
+    temporary = {name: f"{os.path.join(out_dir, name)}.{os.getpid()}.tmp" for name in files}
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, data in files.items():
+            with open(temporary[name], "wb") as f:
+                f.write(data)
+        if os.path.exists(os.path.join(out_dir, "meta.json")):
+            os.remove(os.path.join(out_dir, "meta.json"))
+        for name in ("train.bin", "val.bin", "meta.json"):
+            os.replace(temporary[name], os.path.join(out_dir, name))
+    except OSError as e:
+        raise DataError(f"cannot write to {out_dir} ({e.strerror}): pass --out_dir DIR to a writable folder") from e
+    finally:
+        for tmp in temporary.values():  # a write or rename failed (or Ctrl-C): leave nothing behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one line (a DataError, printed as "error: ...") instead of the usage and exit
+    status 2, no abbreviated flags, and no flag given twice. train.py's ArgumentParser does the same for train.py,
+    sample.py and bench.py; this one keeps data/ free of torch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        names = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
+        for name in names:
+            if names.count(name) > 1:
+                raise DataError(f"{name} is given {names.count(name)} times: give it once")
+        return super().parse_args(args, namespace)
+
+    def error(self, message):
+        raise DataError(f"{message} (--help lists the options)")
+
+
 def main(dataset, argv=None):
-    """Command line of data/<dataset>/prepare.py."""
-    what = f"Write tiny-shakespeare's train.bin, val.bin and meta.json for {dataset}."
-    parser = argparse.ArgumentParser(description=what)
+    """Command line of data/<dataset>/prepare.py: exit status 0 when done, 1 with one line on stderr when not."""
+    what = f"Write tiny-shakespeare's train.bin, val.bin and meta.json for {dataset} (replacing any already there)."
+    parser = ArgumentParser(description=what)
     parser.add_argument("--input", metavar="PATH", help="a local copy of tinyshakespeare (default: $SHAKESPEARE_TXT, "
                         f"else data/tinyshakespeare.txt, downloaded once from {URL})")
     parser.add_argument("--out_dir", metavar="DIR", help=f"where to write (default: data/{dataset}/)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         prepare(dataset, args.input, args.out_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)  # one line, no traceback
         sys.exit(1)
+    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
+        print(f"error: {e.filename or ''}: {e.strerror or e}: check the path and its permissions", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # no half-written file is left behind (see _write_dataset)
+        print("interrupted: run it again to prepare the data", file=sys.stderr)
+        sys.exit(130)
