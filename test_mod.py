@@ -852,6 +852,16 @@ def tiny_run(data_dir, out_dir, **overrides):
     return settings
 
 
+def test_compiled_training_gives_the_losses_of_eager_training(char_data, tmp_path):
+    # python train.py --compile=True on a CPU (inductor: about half a minute to compile even this tiny model)
+    settings = dict(n_layer=2, n_embd=16, max_iters=4, lr_decay_iters=4, eval_interval=4, eval_iters=1)
+    eager = train.main(**tiny_run(char_data, tmp_path / "eager", **settings))
+    compiled = train.main(**tiny_run(char_data, tmp_path / "compiled", compile=True, **settings))
+    losses = [[r["loss"] for r in run["history"] if r["kind"] == "train"] for run in (eager, compiled)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert compiled["eval"]["val_predictor"] == pytest.approx(eager["eval"]["val_predictor"], abs=1e-4)
+
+
 def test_a_few_iterations_lower_the_loss_and_report_everything(char_data, tmp_path, capsys):
     result = train.main(**tiny_run(char_data, tmp_path, max_iters=40, lr_decay_iters=40, eval_interval=40,
                                    eval_iters=4, sample_tokens=20, learning_rate=1e-2))
