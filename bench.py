@@ -146,7 +146,7 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
     steps = []
     for model in (models["dense"], models["MoD"], TextbookGPT(models["dense"])):
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.split(":")[0] in ("cuda", "cpu"))  # as train.py
         fwd = torch.compile(model) if compile_ else model
         # as train.py calls the model: the data was checked when it was loaded
         kwargs = {} if isinstance(model, TextbookGPT) else dict(check_input=False)

@@ -405,8 +405,10 @@ def configure_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    # fused: one kernel updates every parameter, instead of about ten small operations per parameter tensor; on a
+    # CPU (torch >= 2.4) that is ~10% of a training step at the laptop shape
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+                             fused=device_type in ("cuda", "cpu"))
 
 
 def get_lr(it, cfg):
