@@ -378,7 +378,7 @@ class MoDGPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
-        self.last_stats = {}  # the parts of the last loss, detached, for logging
+        self.last_stats = {}  # the parts of the last loss, detached, for logging (router_loss: with router_aux_loss)
         self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
         self.warned_router = False  # routing="router" without router_aux_loss warns once (see _check_input)
 
@@ -447,26 +447,28 @@ class MoDGPT(nn.Module):
     def _loss(self, logits, targets, infos):
         # reshape, not view: targets may be a slice such as idx[:, 1:], which is not contiguous
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        predictor_loss = router_loss = predictor_acc = lm_loss.new_zeros(())  # a dense model has no routing
-        routed_frac = lm_loss.new_zeros(0)
-        if infos:
-            # Each target row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled)
-            targets_topk = [i.topk.float() for i in infos]
-            predictor_loss = torch.stack([F.binary_cross_entropy_with_logits(i.predictor_logits, t)
-                                          for i, t in zip(infos, targets_topk)]).mean()
-            router_loss = torch.stack([F.binary_cross_entropy_with_logits(i.router_logits, t)
-                                       for i, t in zip(infos, targets_topk)]).mean()
-            with torch.no_grad():  # statistics for the log
-                predictor_acc = torch.stack([((i.predictor_logits > 0) == i.topk).float().mean()
-                                             for i in infos]).mean()
-                routed_frac = torch.stack([i.processed.float().mean() for i in infos])  # per routed block
+        stats = dict(lm_loss=lm_loss.detach())
+        if not infos:  # a dense model has no routing
+            stats.update(predictor_loss=lm_loss.new_zeros(()), predictor_acc=lm_loss.new_zeros(()),
+                         routed_frac=lm_loss.new_zeros(0))
+            self.last_stats = stats
+            return lm_loss
+        # All routed blocks at once, (n_routed, B, T): one BCE over them is the mean of the blocks' BCEs. Each target
+        # row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled across the batch).
+        topk = torch.stack([i.topk for i in infos])
+        target = topk.float()
+        predictor_logits = torch.stack([i.predictor_logits for i in infos])
+        predictor_loss = F.binary_cross_entropy_with_logits(predictor_logits, target)
         loss = lm_loss + predictor_loss
-        if self.config.router_aux_loss > 0:  # the paper's method 1; otherwise the router's BCE is only logged
+        if self.config.router_aux_loss > 0:  # the paper's method 1: the router's own BCE makes it causal
+            router_loss = F.binary_cross_entropy_with_logits(torch.stack([i.router_logits for i in infos]), target)
             loss = loss + self.config.router_aux_loss * router_loss
-        self.last_stats = dict(
-            lm_loss=lm_loss.detach(), predictor_loss=predictor_loss.detach(), router_loss=router_loss.detach(),
-            predictor_acc=predictor_acc, routed_frac=routed_frac,
-        )
+            stats["router_loss"] = router_loss.detach()
+        with torch.no_grad():  # for the log
+            stats.update(predictor_loss=predictor_loss.detach(),
+                         predictor_acc=((predictor_logits > 0) == topk).float().mean(),
+                         routed_frac=torch.stack([i.processed for i in infos]).float().mean((1, 2)))  # per block
+        self.last_stats = stats
         return loss
 
     def _check_input(self, idx, targets, routing, cache):
