@@ -1148,6 +1148,18 @@ def test_sample_bad_input_gets_clear_messages(char_checkpoint, tmp_path, capsys)
     assert run.returncode != 0 and run.stderr.startswith("error: no checkpoint at") and "Traceback" not in run.stderr
 
 
+
+def test_router_routing_without_router_aux_loss_is_one_note(char_checkpoint, capsys):
+    # the model warns (warnings.warn); sample.py shows that warning's message once, as a note, and adds none of its own
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        sample.main(out_dir=char_checkpoint, num_samples=1, max_new_tokens=5, device="cpu", routing="router")
+    output = capsys.readouterr()
+    assert escaped == [] and output.err == ""
+    notes = [line for line in output.out.splitlines() if "router_aux_loss=0" in line]
+    assert notes == ["note: routing='router' on a model trained with router_aux_loss=0: its router was not taught "
+                     "to be causal; routing='predictor' is the reliable choice"]
+
 # =============================================================================
 # bench.py: it runs and reports (what it measures is reported by it, never asserted as timings here)
 
@@ -1781,6 +1793,25 @@ def test_train_help_lists_every_setting_with_type_default_and_meaning():
                 shown = '""' if field.default == "" else str(field.default)
                 assert shown in default or field.name in train.GPU_DEFAULTS, (field.name, default)
     assert re.search(r"--batch_size int +.*\(default: 64 on a GPU, 12 on a CPU\)", run.stdout)  # the presets
+
+
+def test_each_setting_has_its_meaning_written_once():
+    # --help's meanings come from TRAIN_HELP and MODEL_HELP (no source is parsed): each field exactly once, in the
+    # dataclass's order, so a new field without a meaning fails here
+    for config, meanings in ((train.TrainConfig, train.TRAIN_HELP), (MoDConfig, train.MODEL_HELP)):
+        listed = [name for group in meanings.values() for name in group]
+        assert listed == [field.name for field in train.fields(config)]
+        assert all(len(meaning) > 10 for group in meanings.values() for meaning in group.values())
+
+
+def test_eval_only_writes_nothing(char_data, tmp_path):
+    train.main(**tiny_run(char_data, tmp_path / "run", max_iters=3))
+    before = snapshot([tmp_path])
+    for init_from in ("scratch", "resume"):  # a scratch eval-only run may look at a folder with checkpoints
+        result = train.main(**tiny_run(char_data, tmp_path / "run", init_from=init_from, eval_only=True))
+        assert [r["kind"] for r in result["history"]][-1] == "eval"  # the evaluation, returned, not written
+    train.main(**tiny_run(char_data, tmp_path / "none", eval_only=True))  # an out_dir that does not exist
+    assert snapshot([tmp_path]) == before and not (tmp_path / "none").exists()
 
 
 def test_flags_as_key_value_or_key_space_value():
