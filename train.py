@@ -41,6 +41,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+import data.prepare
 from data.prepare import DataError, Tokenizer, check_token_files, load_meta, meta_problem, prepare, prepare_command
 from mod import MoDConfig, MoDGPT
 
@@ -155,35 +156,11 @@ class ConfigError(ValueError):
 # the command line: one flag per field of TrainConfig and MoDConfig, explained by TRAIN_HELP and MODEL_HELP
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for train.py, sample.py and bench.py, with three changes: a bad flag is one line (a ConfigError, which
-    the scripts print as "error: ...") instead of the usage and exit status 2; a flag given twice is refused instead
-    of the last one silently winning; and a flag is never abbreviated (--max_iter is not taken for --max_iters),
-    an unknown one gets a "did you mean". `listing` ends the unknown-flag message: where the flags are listed."""
+class ArgumentParser(data.prepare.ArgumentParser):
+    """The one argument parser of the project (see data/prepare.py: one line per bad flag, no flag twice, no
+    abbreviations, "did you mean"), here raising ConfigError: a bad setting."""
 
-    def __init__(self, listing="", **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-        self.listing = listing or f"python {self.prog} --help lists them"
-
-    def parse_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        names = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
-        for name in names:
-            if names.count(name) > 1:
-                raise ConfigError(f"{name} is given {names.count(name)} times: give it once")
-        namespace, unknown = self.parse_known_args(args, namespace)
-        if unknown and not unknown[0].startswith("--"):
-            raise ConfigError(f"cannot read argument {unknown[0]!r}: write settings as --key=value; {self.listing}")
-        if unknown:
-            key = unknown[0][2:].split("=", 1)[0]
-            known = [option[2:] for action in self._actions for option in action.option_strings]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown setting --{key}{hint}; {self.listing}")
-        return namespace
-
-    def error(self, message):  # argparse calls this for a bad value or a missing one
-        raise ConfigError(f"{message} (python {self.prog} --help lists the settings)")
+    error_class = ConfigError
 
 
 def default_text(name, default):

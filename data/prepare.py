@@ -16,6 +16,7 @@ Run one of:
 """
 
 import argparse
+import difflib
 import json
 import os
 import shutil
@@ -296,29 +297,45 @@ def _write_dataset(out_dir, train_ids, val_ids, meta):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag as one line (a DataError, printed as "error: ...") instead of the usage and exit
-    status 2, no abbreviated flags, and no flag given twice. train.py's ArgumentParser does the same for train.py,
-    sample.py and bench.py; this one keeps data/ free of torch."""
+    """argparse for every command line of the project (train.py, sample.py and bench.py subclass it), with four
+    changes: a bad flag is one line (an `error_class` exception, which the scripts print as "error: ...") instead of
+    the usage and exit status 2; a flag given twice is refused instead of the last one silently winning; a flag is
+    never abbreviated (--max_iter is not taken for --max_iters); and an unknown one gets a "did you mean".
+    `listing` ends the unknown-flag message: where the flags are listed. It lives here because this module needs no
+    torch, so preparing data never imports it."""
 
-    def __init__(self, **kwargs):
+    error_class = DataError
+
+    def __init__(self, listing="", **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+        self.listing = listing or f"python {self.prog} --help lists them"
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         names = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
         for name in names:
             if names.count(name) > 1:
-                raise DataError(f"{name} is given {names.count(name)} times: give it once")
-        return super().parse_args(args, namespace)
+                raise self.error_class(f"{name} is given {names.count(name)} times: give it once")
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown and not unknown[0].startswith("--"):
+            raise self.error_class(f"cannot read argument {unknown[0]!r}: write settings as --key=value; "
+                                   f"{self.listing}")
+        if unknown:
+            key = unknown[0][2:].split("=", 1)[0]
+            known = [option[2:] for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise self.error_class(f"unknown setting --{key}{hint}; {self.listing}")
+        return namespace
 
-    def error(self, message):
-        raise DataError(f"{message} (--help lists the options)")
+    def error(self, message):  # argparse calls this for a bad value or a missing one
+        raise self.error_class(f"{message} (python {self.prog} --help lists the settings)")
 
 
 def main(dataset, argv=None):
     """Command line of data/<dataset>/prepare.py: exit status 0 when done, 1 with one line on stderr when not."""
     what = f"Write tiny-shakespeare's train.bin, val.bin and meta.json for {dataset} (replacing any already there)."
-    parser = ArgumentParser(description=what)
+    parser = ArgumentParser(prog=f"data/{dataset}/prepare.py", description=what)
     parser.add_argument("--input", metavar="PATH", help="a local copy of tinyshakespeare (default: $SHAKESPEARE_TXT, "
                         f"else data/tinyshakespeare.txt, downloaded once from {URL})")
     parser.add_argument("--out_dir", metavar="DIR", help=f"where to write (default: data/{dataset}/)")
