@@ -297,10 +297,10 @@ def _write_dataset(out_dir, train_ids, val_ids, meta):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for every command line of the project (train.py, sample.py and bench.py subclass it), with four
-    changes: a bad flag is one line (an `error_class` exception, which the scripts print as "error: ...") instead of
-    the usage and exit status 2; a flag given twice is refused instead of the last one silently winning; a flag is
-    never abbreviated (--max_iter is not taken for --max_iters); and an unknown one gets a "did you mean".
+    """argparse for every command line of the project (train.py's subclass of it serves sample.py and bench.py too),
+    with four changes: a bad flag is one line (an `error_class` exception, which the scripts print as "error: ...")
+    instead of the usage and exit status 2; a flag given twice is refused instead of the last one silently winning;
+    a flag is never abbreviated (--max_iter is not taken for --max_iters); and an unknown one gets a "did you mean".
     `listing` ends the unknown-flag message: where the flags are listed. It lives here because this module needs no
     torch, so preparing data never imports it."""
 
