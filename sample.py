@@ -161,6 +161,7 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     if routing == "router" and cfg.router_aux_loss == 0 and cfg.routed_blocks():
         print("note: this model was trained with router_aux_loss=0, so its router was not taught to be causal; "
               "--routing=predictor is the reliable choice")
+        model.warned_router = True  # the note says it: the model's own warning (for API users) would repeat it
 
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T): one batch
     if device.startswith("cuda"):

@@ -1088,6 +1088,13 @@ def test_sample_from_a_char_checkpoint_with_routing_shown(char_checkpoint, capsy
         assert 0 <= b["agreement"] <= 1 and 0 <= b["precision"] <= 1 and 0 <= b["recall"] <= 1
 
 
+def test_sample_with_the_untrained_router_says_so_once(char_checkpoint, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model's own warning would be a second message: it must not come
+        sample.main(out_dir=char_checkpoint, num_samples=1, max_new_tokens=5, routing="router", device="cpu")
+    assert capsys.readouterr().out.count("router_aux_loss=0") == 1
+
+
 def test_sample_from_a_bpe_checkpoint(tmp_path, capsys):
     (tmp_path / "input.txt").write_text(SMALL_TEXT * 20, encoding="utf-8")
     prepare("shakespeare", input_path=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "data"))
