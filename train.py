@@ -131,12 +131,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (python {self.prog} --help lists the settings)")
 
 
-# nanoGPT's own fields, which mod.py leaves without a comment: their meaning for --help
-UNCOMMENTED_MEANINGS = dict(n_layer="transformer blocks", n_head="attention heads per block",
-                            n_embd="width of the residual stream (the embedding size)",
-                            dropout="dropout probability while training")
-
-
 def setting_groups(config_class):
     """[(title, [(field, meaning), ...]), ...] read from a config class's source. The comment beside each field is
     its meaning, so it is written in one place only; a comment on a line of its own ("# I/O") starts a group."""
@@ -148,7 +142,7 @@ def setting_groups(config_class):
             groups.append((heading.group(1), []))
         elif field:
             name, comment = field.groups()
-            groups[-1][1].append((name, comment or UNCOMMENTED_MEANINGS.get(name, "")))
+            groups[-1][1].append((name, comment or ""))
     return [(title, entries) for title, entries in groups if entries]
 
 
