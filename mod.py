@@ -30,10 +30,10 @@ ROUTING_MODES = ("topk", "predictor", "router")
 class MoDConfig:
     block_size: int = 256  # longest sequence (context window)
     vocab_size: int = 65  # 65 characters for shakespeare_char; 50257 for GPT-2's BPE
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # width of the residual stream (the embedding size)
+    dropout: float = 0.0  # dropout probability while training
     bias: bool = False  # bias in Linears and LayerNorms (GPT-2: True; a bit better and faster without)
     # --- Mixture-of-Depths ---
     capacity: float = 0.125  # fraction of each sequence's tokens that a routed block processes

@@ -21,7 +21,6 @@ From Python: import sample; report = sample.main(start="ROMEO:", show_routing=Tr
 import os
 import sys
 import time
-import warnings
 
 import torch
 
@@ -159,22 +158,19 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     ids, notes = encode_prompt(start, tokenizer, cfg.block_size)
     for note in notes:
         print(f"note: {note}")
+    if routing == "router" and cfg.router_aux_loss == 0 and cfg.routed_blocks():
+        print("note: this model was trained with router_aux_loss=0, so its router was not taught to be causal; "
+              "--routing=predictor is the reliable choice")
+        model.warned_router = True  # the note says it: the model's own warning (for API users) would repeat it
 
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T): one batch
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.time()
-    # The model warns (warnings.warn) about what it cannot do well, e.g. routing="router" when its router was not
-    # trained to be causal (router_aux_loss=0). Python would print a warning with mod.py's file, line and source
-    # line; we print its message alone, as one note: the user reads it once, in the model's own words.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, routing=routing)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, routing=routing)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.time() - t0
-    for warning in caught:
-        print(f"note: {warning.message}")
     routing_seen = model.last_routing  # per block: None or (B, T) bool over the whole returned sequence
     cache_nbytes = model.last_cache_nbytes
     blocks = cfg.routed_blocks()
