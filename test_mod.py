@@ -1802,12 +1802,13 @@ def test_train_help_lists_every_setting_with_type_default_and_meaning():
 
 
 def test_each_setting_has_its_meaning_written_once():
-    # --help's meanings come from TRAIN_HELP and MODEL_HELP (no source is parsed): each field exactly once, in the
-    # dataclass's order, so a new field without a meaning fails here
-    for config, meanings in ((train.TrainConfig, train.TRAIN_HELP), (MoDConfig, train.MODEL_HELP)):
-        listed = [name for group in meanings.values() for name in group]
+    # --help's meanings are the comments beside the fields, read from the source: each field exactly once, in the
+    # dataclass's order, so a new field without a comment fails here
+    for config in (train.TrainConfig, MoDConfig):
+        groups = train.setting_groups(config)
+        listed = [name for _, entries in groups for name, _ in entries]
         assert listed == [field.name for field in train.fields(config)]
-        assert all(len(meaning) > 10 for group in meanings.values() for meaning in group.values())
+        assert all(len(meaning) > 10 for _, entries in groups for _, meaning in entries)
 
 
 def test_eval_only_writes_nothing(char_data, tmp_path):

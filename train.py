@@ -27,6 +27,7 @@ stderr), 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM.
 import argparse
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
@@ -50,92 +51,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run but the model's (those are mod.MoDConfig's). TRAIN_HELP below says what each
-    one means; `python train.py --help` shows it."""
+    """Every setting of a training run but the model's (those are mod.MoDConfig's). The comment beside each field is
+    its meaning, which `python train.py --help` shows; a comment on a line of its own starts a group."""
     # I/O
-    dataset: str = "shakespeare_char"
-    data_dir: str = ""
-    out_dir: str = "out"
-    init_from: str = "scratch"
-    overwrite: bool = False
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    eval_only: bool = False
-    sample_tokens: int = 300
+    dataset: str = "shakespeare_char"  # shakespeare_char (a token per character) or shakespeare (GPT-2 BPE)
+    data_dir: str = ""  # folder of train.bin, val.bin, meta.json; "" is data/<dataset>, prepared when empty
+    out_dir: str = "out"  # folder of the checkpoints: ckpt.pt (latest, to resume) and best.pt (best val loss)
+    init_from: str = "scratch"  # scratch (a new model) or resume (continue out_dir/ckpt.pt exactly)
+    overwrite: bool = False  # True: a scratch run may replace the checkpoints of an earlier run in out_dir
+    eval_interval: int = 250  # evaluate and save a checkpoint every this many iterations
+    eval_iters: int = 200  # batches per evaluation
+    log_interval: int = 10  # print the training loss every this many iterations
+    eval_only: bool = False  # evaluate once and stop, writing nothing (with --init_from=resume: the checkpoint)
+    sample_tokens: int = 300  # length of the sample printed at the end (0: none)
     # data and optimisation
-    batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 5000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 5000
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
+    batch_size: int = 64  # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per iteration, in total over all DDP processes
+    max_iters: int = 5000  # iterations to train for
+    learning_rate: float = 1e-3  # peak learning rate of AdamW
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warm-up to learning_rate over this many iterations
+    lr_decay_iters: int = 5000  # cosine decay from learning_rate to min_lr over this many iterations
+    decay_lr: bool = True  # False: learning_rate all along, no warm-up or decay
+    weight_decay: float = 0.1  # AdamW weight decay, on weight matrices only
+    beta1: float = 0.9  # AdamW's beta1, in [0, 1)
+    beta2: float = 0.99  # AdamW's beta2, in [0, 1)
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
     # system
-    device: str = ""
-    dtype: str = "auto"
-    compile: bool = False
-    peak_tflops: float = 0.0
-    seed: int = 1337
-
-
-# What each setting means, in one line, grouped as `python train.py --help` lists them. This is the one place these
-# meanings are written (--help reads them from here; a test checks that every field of TrainConfig and MoDConfig has
-# one). MODEL_HELP is for the fields of mod.MoDConfig, whose comments in mod.py say the same at more length.
-TRAIN_HELP = {
-    "I/O": dict(
-        dataset="shakespeare_char (a token per character) or shakespeare (GPT-2 BPE)",
-        data_dir='folder of train.bin, val.bin, meta.json; "" is data/<dataset>, prepared when empty',
-        out_dir="folder of the checkpoints: ckpt.pt (latest, to resume) and best.pt (best val loss)",
-        init_from="scratch (a new model) or resume (continue out_dir/ckpt.pt exactly)",
-        overwrite="True: a scratch run may replace the checkpoints of an earlier run in out_dir",
-        eval_interval="evaluate and save a checkpoint every this many iterations",
-        eval_iters="batches per evaluation",
-        log_interval="print the training loss every this many iterations",
-        eval_only="evaluate once and stop, writing nothing (with --init_from=resume: the checkpoint)",
-        sample_tokens="length of the sample printed at the end (0: none)"),
-    "data and optimisation": dict(
-        batch_size="sequences per micro-batch",
-        gradient_accumulation_steps="micro-batches per iteration, in total over all DDP processes",
-        max_iters="iterations to train for",
-        learning_rate="peak learning rate of AdamW",
-        min_lr="learning rate at the end of the cosine decay",
-        warmup_iters="linear warm-up to learning_rate over this many iterations",
-        lr_decay_iters="cosine decay from learning_rate to min_lr over this many iterations",
-        decay_lr="False: learning_rate all along, no warm-up or decay",
-        weight_decay="AdamW weight decay, on weight matrices only",
-        beta1="AdamW's beta1, in [0, 1)",
-        beta2="AdamW's beta2, in [0, 1)",
-        grad_clip="clip the gradient norm to this (0: no clipping)"),
-    "system": dict(
-        device='cpu, cuda, cuda:N or mps; "" picks cuda, then mps, then cpu',
-        dtype="float32, bfloat16 or float16 (with a GradScaler); auto: bf16/fp16 on a GPU, fp32 on a CPU",
-        compile="torch.compile the model (worth it on a GPU)",
-        peak_tflops="the device's peak, for MFU; 0 means look it up (known GPUs) or print no MFU",
-        seed="random seed of the initialisation, the batches and dropout"),
-}
-MODEL_HELP = {
-    "model": dict(
-        block_size="longest sequence (context window)",
-        vocab_size="comes from the data's meta.json: not set by hand",
-        n_layer="transformer blocks",
-        n_head="attention heads per block",
-        n_embd="width of the residual stream (the embedding size)",
-        dropout="dropout probability while training",
-        bias="bias in Linears and LayerNorms (GPT-2: True; a bit better and faster without)"),
-    "Mixture-of-Depths": dict(
-        capacity="fraction of each sequence's tokens that a routed block processes",
-        mod_every="route every mod_every-th block (1, 3, 5, ... for 2); block 0 is always dense; 0 = plain GPT",
-        router_weight='what multiplies the block\'s update: "raw" -> r (Eq. 1), "sigmoid" -> sigmoid(r)',
-        router_aux_loss="weight of the BCE that makes the router itself causal (the paper's method 1)",
-        router='"learned", or "random": top-k on Gaussian noise (the paper\'s control)',
-        predictor_hidden="hidden width of the causal Predictor MLP (the paper gives none)"),
-}
+    device: str = ""  # cpu, cuda, cuda:N or mps; "" picks cuda, then mps, then cpu
+    dtype: str = "auto"  # float32, bfloat16 or float16 (with a GradScaler); auto: bf16/fp16 on a GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    peak_tflops: float = 0.0  # the device's peak, for MFU; 0 means look it up (known GPUs) or print no MFU
+    seed: int = 1337  # random seed of the initialisation, the batches and dropout
 
 
 # nanoGPT's settings for shakespeare_char: config/train_shakespeare_char.py on a GPU, its README's laptop line on a CPU
@@ -153,7 +100,7 @@ class ConfigError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# the command line: one flag per field of TrainConfig and MoDConfig, explained by TRAIN_HELP and MODEL_HELP
+# the command line: one flag per field of TrainConfig and MoDConfig, explained by the comment beside the field
 
 
 class ArgumentParser(data.prepare.ArgumentParser):
@@ -161,6 +108,21 @@ class ArgumentParser(data.prepare.ArgumentParser):
     abbreviations, "did you mean"), here raising ConfigError: a bad setting."""
 
     error_class = ConfigError
+
+
+def setting_groups(config_class):
+    """[(title, [(field, meaning), ...]), ...] read from a config class's source. The comment beside each field is
+    its meaning, so it is written in one place only; a comment on a line of its own ("# I/O") starts a group."""
+    groups = [("", [])]
+    for line in inspect.getsource(config_class).splitlines():
+        heading = re.fullmatch(r"    # -*\s*(.+?)\s*-*", line)  # "    # I/O" or "    # --- Mixture-of-Depths ---"
+        field = re.fullmatch(r"    (\w+): \w+ = .+?(?:  # (.+))?", line)  # "    name: type = default  # meaning"
+        if heading:
+            groups.append((heading.group(1), []))
+        elif field:
+            name, comment = field.groups()
+            groups[-1][1].append((name, comment or ""))
+    return [(title, entries) for title, entries in groups if entries]
 
 
 def default_text(name, default):
@@ -172,7 +134,7 @@ def default_text(name, default):
 
 def make_parser():
     """The command line of train.py: a flag per field of TrainConfig and MoDConfig, grouped and explained as in
-    TRAIN_HELP and MODEL_HELP."""
+    their source (setting_groups)."""
     parser = ArgumentParser(
         prog="train.py", usage="python train.py [--key=value ...]",
         listing="the settings are the fields of TrainConfig in train.py and MoDConfig in mod.py",
@@ -183,14 +145,15 @@ def make_parser():
         epilog="Checkpoints: out_dir/ckpt.pt is the latest state (--init_from=resume continues it), out_dir/best.pt "
                "the lowest validation loss (sample.py loads it). Ctrl-C or SIGTERM: finish the iteration, save "
                "ckpt.pt, stop. Exit status: 0 done, 1 error, 130 Ctrl-C, 143 SIGTERM.")
-    for config, meanings, where in ((TrainConfig, TRAIN_HELP, "TrainConfig"),
-                                    (MoDConfig, MODEL_HELP, "MoDConfig in mod.py")):
+    for config, where in ((TrainConfig, "TrainConfig"), (MoDConfig, "MoDConfig in mod.py")):
         field_of = {f.name: f for f in fields(config)}
-        for title, entries in meanings.items():
-            group = parser.add_argument_group(f"{title} ({where})")
-            for name, meaning in entries.items():
+        for title, entries in setting_groups(config):
+            group = parser.add_argument_group(f"{title or 'model'} ({where})")
+            for name, meaning in entries:
                 kind = field_of[name].type
-                default = "from the data" if name == "vocab_size" else default_text(name, field_of[name].default)
+                default = default_text(name, field_of[name].default)
+                if name == "vocab_size":
+                    meaning, default = "comes from the data's meta.json: not set by hand", "from the data"
                 bool_alone = dict(nargs="?", const="True") if kind is bool else {}  # --compile is --compile=True
                 group.add_argument(f"--{name}", metavar=kind.__name__, default=argparse.SUPPRESS, **bool_alone,
                                    help=f"{meaning} (default: {default})".replace("%", "%%"))
