@@ -2,7 +2,7 @@
 Does Mixture-of-Depths pay off? Dense and MoD models of the same shape, measured side by side in one process.
 
     python bench.py                     # speed: a CPU-sized shape and nanoGPT's shakespeare_char shape
-    python bench.py --quality           # and quality: six short trainings on shakespeare_char (minutes on a CPU)
+    python bench.py --quality           # and quality: short trainings on shakespeare_char (~25 minutes on a CPU)
     python bench.py --device=cuda --dtype=bfloat16 [--compile]   # the speed part on a GPU
 
 Speed (dense vs MoD at 12.5% capacity on every other block): the two models take turns (A B A B ...) and each figure
@@ -12,11 +12,15 @@ to the estimate, and KV-cache bytes. Every speed ratio is shown against its idea
 The models are untrained; so that generation routes what a trained predictor routes, each predictor's bias is set
 so that it routes `capacity` of the tokens of a calibration batch.
 
-Quality: six trainings on the same data with the same seed: (a) dense, (b) MoD of the same shape for as many
-iterations and (b') for the same training time, (c) MoD with the dense model's FLOPs per forward pass (more layers:
-the paper's isoFLOP comparison), (d) the random-routing control and (e) MoD with the other router_weight (sigmoid(r)
-instead of raw r). It reports the validation loss under top-k and under causal predictor routing, the predictor's
-accuracy, and time.
+Quality: trainings on the same data with the same seed, all measured on the same validation windows (so that two
+models can be compared window by window, with standard errors), in two settings. At block 64 (train.py's CPU
+default): dense; the shallow control (dense without the routed blocks: what the routed blocks must beat); MoD for as
+many iterations and for the same training time; the random-routing control; the isoFLOP MoD (more layers, the
+dense model's FLOPs per forward pass), also trained with the router's own aux loss (the paper's causal method 1);
+and MoD with the other router_weight. At block 256 (long sequences, sized for a CPU): dense, shallow, MoD, random.
+It reports validation loss under top-k and causal routing, the causal rule's accuracy per routed block (on top-k
+inputs and on the causally routed inputs met when sampling), time, and a per-position check: the loss at the last
+position against the middle, MoD against dense (issue 11's anomaly).
 
 The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
 
@@ -40,6 +44,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -221,7 +226,86 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
 
 
 # -----------------------------------------------------------------------------
-# quality: six trainings on shakespeare_char
+# quality: trainings on shakespeare_char, all compared on the same validation windows
+
+# The two settings of --quality: model shape and batch size, and the share of --quality_iters each trains for.
+# "block 64" is train.py's CPU default (nanoGPT's laptop setting). Its two routed blocks are worth little there (the
+# shallow control, a 2-layer dense model, comes close to the 4-layer one), so it shows that nothing is broken more
+# than what routing is worth. "block 256" has longer sequences: a routed block picks 32 of 256 tokens (the paper's
+# are 256 of 2048), and the predictor's job is easier there. BLOCK_256 is sized to keep --quality under ~25 minutes
+# on 2 CPU cores (README).
+QUALITY_SETTINGS = {
+    "block 64": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12), 1.0),
+    "block 256": (dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8), 1.0),
+}
+ROUTER_AUX_LOSS = 0.01  # router_aux_loss of the method-1 run (the paper gives no weight)
+EVAL_TOKENS = 4096  # per --eval_iters: the validation windows of a setting hold eval_iters * EVAL_TOKENS tokens
+
+
+def val_windows(data_dir, T, n):
+    """n windows of T + 1 tokens from val.bin, evenly spaced, as a (n, T + 1) tensor: the same windows for every
+    model, so that two models can be compared window by window (paired), which cancels most of the text's noise."""
+    data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    starts = torch.linspace(0, len(data) - T - 1, n).long().tolist()
+    return torch.stack([torch.from_numpy(data[s:s + T + 1].astype(np.int64)) for s in starts])
+
+
+@torch.no_grad()
+def position_losses(model, windows, routing="topk", batch=64):
+    """The LM loss at every position of every window: (N, T) for windows (N, T + 1), under `routing`. (The random
+    control draws noise from torch's generator: seed it first for numbers that repeat.)"""
+    model.eval()
+    device = model.lm_head.weight.device
+    out = []
+    for w in windows.split(batch):
+        w = w.to(device)
+        logits, _ = model(w[:, :-1], routing=routing)  # (b, T, vocab)
+        out.append(F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").cpu())  # (b, T)
+    return torch.cat(out)
+
+
+def mean_se(values, groups=20):
+    """The mean of values (N,), one per window in text order, and its standard error. Neighbouring windows share
+    text, so the error comes from the spread of the means of `groups` contiguous groups, not from N values taken as
+    independent."""
+    values = values.double()
+    means = torch.stack([g.mean() for g in values.tensor_split(groups)])
+    return values.mean().item(), (means.std() / math.sqrt(groups)).item()
+
+
+def last_vs_middle(losses):
+    """Per window, the loss at the last position minus the mean loss over positions T/2 to T-3 (32-61 at T = 64):
+    (N,) for losses (N, T). Around 0 for a model whose last position is no harder to predict than the middle."""
+    T = losses.size(1)
+    return losses[:, -1] - losses[:, T // 2:T - 2].mean(1)
+
+
+@torch.no_grad()
+def routing_accuracy(model, windows, routing="topk", rule="predictor", batch=64):
+    """Per routed block: how often a causal rule (rule="predictor": predictor logit > 0; "router": router logit > 0)
+    decides as the block's top-k does on the same input, with every routed block routed by `routing`; and the share
+    of tokens the block processed. Under routing="topk" this is the accuracy training reports. Under a causal
+    routing each block's input comes from earlier blocks that routed causally, as when sampling, and the top-k it
+    is compared with is what the block's router picks on that input. Returns (accuracies, routed shares)."""
+    model.eval()
+    device = model.lm_head.weight.device
+    blocks = [b for b in model.transformer.h if isinstance(b, MoDBlock)]
+    infos = []  # the RoutingInfo of each routed block, in order, for the current batch
+    hooks = [b.register_forward_hook(lambda module, args, out: infos.append(out[1])) for b in blocks]
+    right, routed, n = torch.zeros(len(blocks)), torch.zeros(len(blocks)), 0
+    try:
+        for w in windows.split(batch):
+            infos.clear()
+            model(w[:, :-1].to(device), routing=routing)
+            for j, info in enumerate(infos):
+                logits = info.predictor_logits if rule == "predictor" else info.router_logits
+                right[j] += ((logits > 0) == info.topk).sum().item()
+                routed[j] += info.processed.sum().item()
+            n += w[:, :-1].numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (right / n).tolist(), (routed / n).tolist()
 
 
 def run_training(label, log_dir, **settings):
@@ -240,50 +324,131 @@ def run_training(label, log_dir, **settings):
     return result, wall
 
 
-def quality(device, log_dir, max_iters, eval_iters):
-    base = dict(device=device, max_iters=max_iters, lr_decay_iters=max_iters, eval_iters=eval_iters,
-                eval_interval=max_iters, log_interval=50)
-    _, model_fields = train.resolve_config({"device": device}, "cuda" if device.startswith("cuda") else device)
-    T = model_fields["block_size"]
-    dense_flops = MoDGPT(MoDConfig(**{**model_fields, "mod_every": 0})).estimate_flops(T)["total"]
+def quality_run(label, log_dir, windows, causal=(), **settings):
+    """Train one model, then measure it on the validation windows: per-position losses under top-k and under each
+    causal routing in `causal`, and the per-block accuracy of the causal rules. Returns a dict."""
+    result, wall = run_training(label, log_dir, **settings)
+    model, _ = sample.load_model(os.path.join(log_dir, label), settings["device"], checkpoint="latest")
+    run = dict(result=result, wall=wall, model=model, losses={}, accuracy={}, routed={})
+    for routing in ("topk",) + tuple(causal):
+        torch.manual_seed(0)  # the random control's noise: the same for every routing
+        run["losses"][routing] = position_losses(model, windows, routing)
+    for routing in causal:  # the rule that routes causally, on top-k inputs and on its own (causal) inputs
+        torch.manual_seed(0)
+        run["accuracy"][routing, "topk"], _ = routing_accuracy(model, windows, "topk", rule=routing)
+        torch.manual_seed(0)
+        run["accuracy"][routing, routing], run["routed"][routing] = routing_accuracy(model, windows, routing,
+                                                                                     rule=routing)
+    return run
 
-    # (c) the MoD depth whose forward FLOPs are closest to the dense model's
-    def mod_flops(n_layer):
-        return MoDGPT(MoDConfig(**{**model_fields, "n_layer": n_layer})).estimate_flops(T)["total"]
-    iso_layers = min(range(model_fields["n_layer"], 3 * model_fields["n_layer"]),
-                     key=lambda n: abs(mod_flops(n) - dense_flops))
 
-    runs = {}
-    runs["(a) dense"] = run_training("dense", log_dir, mod_every=0, **base)
-    runs["(b) MoD, same iterations"] = run_training("mod", log_dir, **base)
-    # (b') the same training time as dense: scale MoD's iterations by the two runs' ms per iteration
-    # (evaluations excluded: MoD evaluates one more thing, the causal predictor loss)
-    iters = round(max_iters * runs["(a) dense"][0]["ms_per_iter"] / runs["(b) MoD, same iterations"][0]["ms_per_iter"])
-    runs["(b') MoD, same training time"] = run_training("mod_same_time", log_dir, **{**base, "max_iters": iters,
-                                                                                  "lr_decay_iters": iters,
-                                                                                  "eval_interval": iters})
-    runs[f"(c) MoD isoFLOP, {iso_layers} layers"] = run_training("mod_isoflop", log_dir, n_layer=iso_layers, **base)
-    runs["(d) random-routing control"] = run_training("random", log_dir, router="random", **base)
-    other = "sigmoid" if MoDConfig(**model_fields).router_weight == "raw" else "raw"  # the default's alternative
-    runs[f"(e) MoD, router_weight={other}"] = run_training(other, log_dir, router_weight=other, **base)
+def percents(values):
+    return " / ".join(f"{100 * v:.1f}" for v in values)
 
-    lines = [f"### quality: shakespeare_char, {model_fields['n_layer']} layers x {model_fields['n_embd']} "
-             f"(dense), {max_iters} iterations unless noted, {eval_iters} eval batches",
+
+def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, full):
+    """The trainings of one setting and its tables. full: also the block-64-only runs (same training time, isoFLOP
+    with and without the router's aux loss, the other router_weight)."""
+    shape = dict(shape)
+    batch_size = shape.pop("batch_size")
+    T = shape["block_size"]
+    base = dict(device=device, batch_size=batch_size, max_iters=iters, lr_decay_iters=iters, eval_interval=iters,
+                eval_iters=max(1, eval_iters // 10), log_interval=50, **shape)  # train.py's own eval: a glance
+    windows = val_windows(data_dir, T, max(20, eval_iters * EVAL_TOKENS // T))
+
+    def flops(**fields):
+        return MoDGPT(MoDConfig(**{**shape, **fields})).estimate_flops(T)["total"]
+    dense_flops = flops(mod_every=0)
+    n_dense = sum(not MoDConfig(**shape).is_routed(i) for i in range(shape["n_layer"]))  # MoD's dense blocks
+    iso_layers = min(range(shape["n_layer"], 3 * shape["n_layer"]), key=lambda n: abs(flops(n_layer=n) - dense_flops))
+    causal = ("predictor",)
+    tag = name.replace(" ", "")
+    runs = {}  # label -> (run, flops)
+    runs["dense"] = (quality_run(f"{tag}_dense", log_dir, windows, mod_every=0, **base), dense_flops)
+    runs[f"shallow control: dense, {n_dense} layers"] = (
+        quality_run(f"{tag}_shallow", log_dir, windows, **{**base, "mod_every": 0, "n_layer": n_dense}),
+        flops(mod_every=0, n_layer=n_dense))
+    runs["MoD"] = (quality_run(f"{tag}_mod", log_dir, windows, causal, **base), flops())
+    if full:  # the same training time as dense: MoD's iterations scaled by the two runs' ms per iteration
+        same = round(iters * runs["dense"][0]["result"]["ms_per_iter"] / runs["MoD"][0]["result"]["ms_per_iter"])
+        runs["MoD, same training time"] = (quality_run(f"{tag}_mod_same_time", log_dir, windows, causal, **{
+            **base, "max_iters": same, "lr_decay_iters": same, "eval_interval": same}), flops())
+    runs["random-routing control"] = (quality_run(f"{tag}_random", log_dir, windows, causal, router="random",
+                                                  **base), flops())
+    if full:
+        iso = dict(n_layer=iso_layers)
+        runs[f"MoD isoFLOP, {iso_layers} layers"] = (
+            quality_run(f"{tag}_isoflop", log_dir, windows, causal, **{**base, **iso}), flops(**iso))
+        runs[f"MoD isoFLOP, {iso_layers} layers, router_aux_loss={ROUTER_AUX_LOSS}"] = (
+            quality_run(f"{tag}_isoflop_aux", log_dir, windows, ("predictor", "router"),
+                        **{**base, **iso}, router_aux_loss=ROUTER_AUX_LOSS), flops(**iso))
+        runs["MoD, router_weight=sigmoid"] = (
+            quality_run(f"{tag}_sigmoid", log_dir, windows, causal, router_weight="sigmoid", **base), flops())
+
+    dense = runs["dense"][0]["losses"]["topk"]
+    lines = [f"### quality, {name}: {shape['n_layer']} layers x {shape['n_embd']}, batch {batch_size}, "
+             f"{iters} iterations unless noted; {len(windows):,} validation windows of {T} tokens",
              "",
-             "| run | iterations | forward FLOPs vs dense | val loss (top-k) | val loss (causal predictor) | "
-             "causal gap | predictor accuracy | ms/iter | wall time (with evals) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, (result, wall) in runs.items():
-        ev = result["eval"]
-        layers = iso_layers if "isoFLOP" in label else model_fields["n_layer"]
-        flops = dense_flops if "dense" in label else mod_flops(layers)
-        causal = ev.get("val_predictor")
-        gap = f"{100 * (causal / ev['val_topk'] - 1):+.2f}%" if causal else ""
-        timing = f"{result['ms_per_iter']:.1f} | {wall:.0f} s"
-        lines.append(f"| {label} | {result['iter_num']} | {flops / dense_flops:.2f}x | {ev['val_topk']:.4f} | "
-                     f"{causal:.4f} | {gap} | {100 * ev['predictor_acc']:.1f}% | {timing} |" if causal else
-                     f"| {label} | {result['iter_num']} | 1.00x | {ev['val_topk']:.4f} | | | | {timing} |")
+             "| run | iterations | forward FLOPs vs dense | val loss, top-k | vs dense (paired) | val loss, causal | "
+             "causal gap | causal rule's accuracy per routed block (%), top-k inputs | the same, causal inputs | "
+             "routed when causal (%) | ms/iter | wall time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, (run, run_flops) in runs.items():
+        L = run["losses"]["topk"]
+        diff, se = mean_se(L.mean(1) - dense.mean(1))
+        start = (f"| {label} | {run['result']['iter_num']} | {run_flops / dense_flops:.2f}x | {L.mean():.4f} | "
+                 + ("" if label == "dense" else f"{diff:+.4f} ± {se:.4f}") + " | ")
+        end = f" | {run['result']['ms_per_iter']:.1f} | {run['wall']:.0f} s |"
+        if not run["accuracy"]:
+            lines.append(start + "| | | | |" + end)
+        for routing in run["losses"]:
+            if routing == "topk":
+                continue
+            causal_loss = run["losses"][routing].mean()
+            if routing == "router":  # a second causal rule of the same model: a row of its own
+                start, end = f"| {label}: causal rule router > 0 | | | | | ", " | | |"
+            lines.append(start + f"{causal_loss:.4f} | {100 * (causal_loss / L.mean() - 1):+.2f}% | "
+                         f"{percents(run['accuracy'][routing, 'topk'])} | "
+                         f"{percents(run['accuracy'][routing, routing])} | {percents(run['routed'][routing])}" + end)
+
+    # what the routed blocks are worth: the shallow control is the MoD model without them
+    shallow = next(run for label, (run, _) in runs.items() if label.startswith("shallow"))["losses"]["topk"].mean()
+    learned = runs["MoD"][0]["losses"]
+    random = runs["random-routing control"][0]["losses"]
+    gap = shallow - dense.mean()
+    lines += ["",
+              f"- The routed blocks are worth {shallow - learned['topk'].mean():+.4f} nats with learned routing "
+              f"({shallow - learned['predictor'].mean():+.4f} causal) and {shallow - random['topk'].mean():+.4f} "
+              f"with random routing, against the shallow control; full dense blocks instead are worth {gap:+.4f}.",
+              "- The random control routes on Gaussian noise, which is also its weight (the paper's control). Its "
+              "predictor has nothing to learn and learns to route (almost) nothing, so its causal loss is that of the "
+              "model without its routed blocks: its causal gap means nothing.",
+              ""]
+
+    # the per-position check (issue 11): is the last position much harder than the middle, MoD against dense?
+    # a run is flagged when its excess over dense is both clear (3 standard errors) and large (0.02 nats)
+    lines += [f"| run | last position minus positions {T // 2}-{T - 3}, top-k | the same, minus dense's (paired) | |",
+              "| --- | --- | --- | --- |"]
+    for label, (run, _) in runs.items():
+        d = last_vs_middle(run["losses"]["topk"])
+        excess = flag = ""
+        if label != "dense":
+            mean, se = mean_se(d - last_vs_middle(dense))
+            excess = f"{mean:+.4f} ± {se:.4f}"
+            flag = "**the last position is anomalous**" if mean > max(0.02, 3 * se) else ""
+        lines.append(f"| {label} | {'{:+.4f} ± {:.4f}'.format(*mean_se(d))} | {excess} | {flag} |")
     return lines + [""]
+
+
+def quality(device, log_dir, max_iters, eval_iters):
+    cfg, _ = train.resolve_config({"device": device}, "cuda" if device.startswith("cuda") else device)
+    data_dir, _ = train.prepare_data(cfg, 256, is_master=True, ddp=False)  # data/shakespeare_char, prepared once
+    lines = []
+    for name, (shape, share) in QUALITY_SETTINGS.items():
+        iters = max(1, round(share * max_iters))
+        print(f"quality: {name} ...", file=sys.stderr)
+        lines += quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, full=name == "block 64")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +700,7 @@ def run(args, argv, device):
         print(f"speed: {name} ...", file=sys.stderr)
         lines += speed(name, SHAPES[name], device, args.dtype, args.compile, args.repeats)
     if args.quality:
-        print("quality: training six models ...", file=sys.stderr)
+        print("quality: training ...", file=sys.stderr)
         log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_runs")
         os.makedirs(log_dir, exist_ok=True)
         lines += quality(device, log_dir, args.quality_iters, args.eval_iters)

@@ -1223,6 +1223,60 @@ def test_routing_rates_count_what_top_k_routes():
     assert [block for block, _, _ in rows] == [1, 3] and all(topk.sum() == 8 for _, topk, _ in rows)
 
 
+def test_val_windows_are_fixed_consecutive_slices_of_val_bin(char_data):
+    windows = bench.val_windows(char_data, 16, 30)
+    data = np.memmap(os.path.join(char_data, "val.bin"), dtype=np.uint16, mode="r").astype(np.int64)
+    assert windows.shape == (30, 17) and windows.dtype == torch.long
+    assert torch.equal(windows[0], torch.from_numpy(data[:17]))  # the first starts at 0 ...
+    assert torch.equal(windows[-1], torch.from_numpy(data[-17:]))  # ... the last ends at the end of val.bin
+    assert torch.equal(windows, bench.val_windows(char_data, 16, 30))  # the same windows for every model
+
+
+def test_position_losses_are_the_per_token_cross_entropy():
+    model = tiny()
+    windows = torch.randint(0, 50, (10, 33), generator=torch.Generator().manual_seed(0))
+    losses = bench.position_losses(model, windows, batch=4)  # three batches: 4, 4 and 2 windows
+    assert losses.shape == (10, 32)
+    _, loss = model(windows[:, :-1], windows[:, 1:])
+    assert losses.mean().item() == pytest.approx(model.last_stats["lm_loss"].item(), abs=1e-5)
+    logits, _ = model(windows[3:4, :-1], routing="predictor")
+    expected = F.cross_entropy(logits[0], windows[3, 1:], reduction="none")
+    assert torch.allclose(bench.position_losses(model, windows, "predictor")[3], expected, atol=1e-5)
+
+
+def test_last_vs_middle_and_its_standard_error():
+    losses = torch.zeros(40, 64)
+    losses[:, -1] = 1.0
+    losses[:, 32:62] = 0.25  # positions 32-61 are the middle; 62 is not
+    losses[:, 62] = 9.0
+    assert torch.allclose(bench.last_vs_middle(losses), torch.full((40,), 0.75))
+    mean, se = bench.mean_se(torch.full((40,), 0.75))
+    assert mean == pytest.approx(0.75) and se == pytest.approx(0.0)
+    values = torch.arange(40.0)  # groups of 2: means 0.5, 2.5, ..., 38.5, spread sd / sqrt(20)
+    mean, se = bench.mean_se(values, groups=20)
+    assert mean == pytest.approx(19.5) and se == pytest.approx(torch.arange(0.5, 40, 2).std().item() / math.sqrt(20))
+
+
+def test_routing_accuracy_compares_each_rule_with_top_k_on_the_same_input():
+    model = tiny(router_aux_loss=0.1)  # trained for routing="router" (no warning)
+    windows = torch.randint(0, 50, (6, 33), generator=torch.Generator().manual_seed(1))
+    idx = windows[:, :-1]
+    seen = capture_routing(model)
+    for routing, rule in (("topk", "predictor"), ("predictor", "predictor"), ("router", "router"),
+                          ("topk", "router")):
+        seen.clear()
+        model(idx, routing=routing)
+        expected = [(((info.predictor_logits if rule == "predictor" else info.router_logits) > 0) == info.topk)
+                    .float().mean().item() for _, _, info in seen]
+        expected_routed = [info.processed.float().mean().item() for _, _, info in seen]
+        seen.clear()
+        accuracy, routed = bench.routing_accuracy(model, windows, routing, rule=rule, batch=4)
+        assert accuracy == pytest.approx(expected, abs=1e-6) and routed == pytest.approx(expected_routed, abs=1e-6)
+        assert len(accuracy) == 2
+    # under top-k each block processes exactly k = 8 of 32 tokens; the causal rules route what they route
+    assert bench.routing_accuracy(model, windows, "topk")[1] == pytest.approx([0.25, 0.25])
+
+
 def test_figures_without_matplotlib_is_one_clear_line(tmp_path):
     fake = tmp_path / "no_matplotlib" / "matplotlib"
     fake.mkdir(parents=True)
