@@ -669,7 +669,7 @@ def main(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the models for the training step")
     p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (the median is reported)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
-    p.add_argument("--quality", action="store_true", help="also run the six trainings (minutes)")
+    p.add_argument("--quality", action="store_true", help="also run the quality trainings (~25 minutes on a CPU)")
     p.add_argument("--quality_iters", type=int, default=2000)
     p.add_argument("--eval_iters", type=int, default=200)
     p.add_argument("--out", default="bench.md", help="where to write the markdown (default: bench.md)")

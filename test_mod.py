@@ -33,7 +33,10 @@ def tiny(**overrides):
     fields = dict(block_size=32, vocab_size=50, n_layer=4, n_head=2, n_embd=32, capacity=0.25)
     fields.update(overrides)
     torch.manual_seed(0)
-    return MoDGPT(MoDConfig(**fields)).eval()
+    model = MoDGPT(MoDConfig(**fields)).eval()
+    # the position embeddings start at zero (mod.py): give them values, as training does, so tests see positions
+    torch.nn.init.normal_(model.transformer.wpe.weight, std=0.02)
+    return model
 
 
 def routed_blocks(model):
@@ -90,6 +93,14 @@ def test_mod_every_zero_is_a_plain_gpt():
     assert torch.allclose(loss, F.cross_entropy(expected.view(-1, V), targets.view(-1)), atol=1e-6)
     assert model.last_routing == [None] * 4
     assert model.last_stats["predictor_loss"] == 0 and model.last_stats["routed_frac"].numel() == 0
+
+
+def test_position_embeddings_start_at_zero_the_rest_as_nanogpt():
+    torch.manual_seed(0)
+    model = MoDGPT(MoDConfig(block_size=64, vocab_size=50, n_layer=4, n_head=2, n_embd=32))
+    assert torch.count_nonzero(model.transformer.wpe.weight) == 0  # the last-position anomaly's fix (README)
+    assert abs(model.transformer.wte.weight.std().item() - 0.02) < 0.002
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
 
 
 def test_blocks_routed_every_mod_every_first_always_dense():
