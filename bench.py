@@ -20,7 +20,7 @@ dense model's FLOPs per forward pass), also trained with the router's own aux lo
 and MoD with the other router_weight. At block 256 (long sequences, sized for a CPU): dense, shallow, MoD, random.
 It reports validation loss under top-k and causal routing, the causal rule's accuracy per routed block (on top-k
 inputs and on the causally routed inputs met when sampling), time, and a per-position check: the loss at the last
-position against the middle, MoD against dense (issue 11's anomaly).
+position against the middle, MoD against dense (README: the last-position anomaly).
 
 The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
 
@@ -166,10 +166,10 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
         for _ in range(3 if compile_ else 1):  # warm-up (compilation)
             step()
         steps.append(step)
-    t_dense, t_mod, t_textbook = median_times(steps, repeats)
-    rows["train step"] = (f"{1000 * t_dense:.1f} ms", f"{1000 * t_mod:.1f} ms", t_dense / t_mod)
-    rows["train step, textbook GPT as dense"] = (f"{1000 * t_textbook:.1f} ms", f"{1000 * t_mod:.1f} ms",
-                                                 t_textbook / t_mod)
+    step_dense, step_mod, step_textbook = median_times(steps, repeats)
+    rows["train step"] = (f"{1000 * step_dense:.1f} ms", f"{1000 * step_mod:.1f} ms", step_dense / step_mod)
+    rows["train step, textbook GPT as dense"] = (f"{1000 * step_textbook:.1f} ms", f"{1000 * step_mod:.1f} ms",
+                                                 step_textbook / step_mod)
 
     # generation with the KV cache, batch 1 and 8: one token prompt, block_size - 1 new tokens (no re-prefill)
     calibrate_predictors(models["MoD"], device)
@@ -220,7 +220,7 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
         "",
         f"MoD routed {100 * routed_frac[1]:.1f}% (batch 1) and {100 * routed_frac[8]:.1f}% (batch 8) of generated "
         f"tokens per routed block (calibrated predictors). Our dense training step takes "
-        f"{t_dense / t_textbook:.3f}x the time of the textbook GPT's.",
+        f"{step_dense / step_textbook:.3f}x the time of the textbook GPT's.",
         ""]
     return lines
 
@@ -425,8 +425,9 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
               "model without its routed blocks: its causal gap means nothing.",
               ""]
 
-    # the per-position check (issue 11): is the last position much harder than the middle, MoD against dense?
-    # a run is flagged when its excess over dense is both clear (3 standard errors) and large (0.02 nats)
+    # the per-position check (README: the last-position anomaly): is the last position much harder to predict than
+    # the middle, MoD against dense? A run is flagged when its excess over dense is both clear (3 standard errors)
+    # and large (0.02 nats).
     lines += [f"| run | last position minus positions {T // 2}-{T - 3}, top-k | the same, minus dense's (paired) | |",
               "| --- | --- | --- | --- |"]
     for label, (run, _) in runs.items():

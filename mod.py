@@ -377,11 +377,6 @@ class MoDGPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # One change to nanoGPT's init: the position embeddings start at zero. The row of the last position is
-        # trained only by the prediction made there (no later token attends to it), the weakest signal of all rows,
-        # and under MoD it kept so much of a random start that the last position predicted 0.09 nats worse than the
-        # middle of the sequence; from zero it does not (README, "the last-position anomaly").
-        torch.nn.init.zeros_(self.transformer.wpe.weight)
         self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
         self.last_stats = {}  # the parts of the last loss, detached, for logging (router_loss: with router_aux_loss)
         self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
