@@ -36,7 +36,6 @@ need matplotlib (pip install matplotlib), which training, sampling and the tests
 import contextlib
 import copy
 import io
-import json
 import math
 import os
 import platform
@@ -151,7 +150,7 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
     steps = []
     for model in (models["dense"], models["MoD"], TextbookGPT(models["dense"])):
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.split(":")[0] in ("cuda", "cpu"))  # as train.py
+        opt = train.configure_optimizer(model, train.TrainConfig(learning_rate=1e-4), device.split(":")[0])
         fwd = torch.compile(model) if compile_ else model
         # as train.py calls the model: the data was checked when it was loaded
         kwargs = {} if isinstance(model, TextbookGPT) else dict(check_input=False)
@@ -474,8 +473,7 @@ def read_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"error: no {path}: train into that folder first (python train.py --out_dir={out_dir})")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return train.read_metrics(path)
 
 
 def plot_loss_curves(runs, title="validation loss"):

@@ -519,6 +519,21 @@ class StopSignals:
             signal.signal(signum, previous)
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl file (see Metrics), one dict per log line or evaluation. A line cut short by a
+    crash is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
 class Metrics:
     """The run's history for plotting: every log line and every evaluation as one dict (main() returns the list),
     also written as a line of JSON to out_dir/metrics.jsonl. time_s is training time, evaluations and saving
@@ -535,14 +550,7 @@ class Metrics:
         if not enabled:
             return
         if resume_iter is not None and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a line cut short by a crash
-                        continue
-                    if isinstance(record, dict) and record.get("iter", math.inf) <= resume_iter:
-                        self.history.append(record)
+            self.history = [r for r in read_metrics(path) if r.get("iter", math.inf) <= resume_iter]
         last = self.history[-1] if self.history else {}
         self.time_offset, self.wall_offset = last.get("time_s", 0.0), last.get("wall_s", 0.0)
         self.rewrite()
