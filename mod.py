@@ -4,13 +4,15 @@ Mixture-of-Depths (MoD) in one file, in the style of nanoGPT's model.py.
 Raposo et al., "Mixture-of-Depths: Dynamically allocating compute in transformer-based language models",
 arXiv 2404.02258 (2024). Read top to bottom:
 
+  MoDConfig, tokens_routed          the settings; k, the number of tokens a routed block processes
   CausalSelfAttention, MLP, Block   an ordinary GPT-2 block; Block.update(x) is the block's f(x)
-  to_host, KVCache                  the one host-device sync; keys/values of one block during generation
   Router                            r_i = w^T x_i, one scalar score per token (section 3.1)
   Predictor                         small MLP on stop-gradient(x) guessing top-k membership (section 3.5)
-  MoDBlock                          top-k routing around a Block, Eq. 1
-  Cache                             one KVCache per block, for MoDGPT.generate
-  MoDGPT                            embeddings, blocks, head, losses, cached generation, FLOP estimate
+  RoutingInfo, MoDBlock             top-k routing around a Block, Eq. 1; causal routing for sampling
+  MoDGPT                            embeddings, blocks, head, losses
+  Generation                        to_host (the one host-device sync), KVCache, Cache, generate
+  estimate_flops                    FLOPs of one forward pass, dense and routed blocks
+  Input checks                      one clear ValueError for each bad call
 
 Shapes: B batch, T sequence length, C n_embd, k tokens a routed block processes per sequence.
 """
@@ -23,7 +25,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ROUTING_MODES = ("topk", "predictor", "router")
+
+# -----------------------------------------------------------------------------
+# Configuration
 
 
 @dataclass
@@ -53,12 +57,10 @@ class MoDConfig:
                 raise ValueError(f"MoDConfig: {message}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "predictor_hidden"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
+            need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         for name in ("dropout", "capacity", "router_aux_loss"):  # "0.5" (a string) or True is no number
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 f"{name} must be a number, got {value!r}")
+            need(_is_number(value) and math.isfinite(value), f"{name} must be a number, got {value!r}")
         need(isinstance(self.bias, bool), f"bias must be True or False, got {self.bias!r}")
         need(self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change one of them")
@@ -66,7 +68,7 @@ class MoDConfig:
         need(0.0 < self.capacity <= 1.0,
              f"capacity must be in (0, 1] (the fraction of tokens a routed block processes; "
              f"the paper's best is 0.125), got {self.capacity!r}")
-        need(isinstance(self.mod_every, int) and not isinstance(self.mod_every, bool) and self.mod_every >= 0,
+        need(_is_int(self.mod_every) and self.mod_every >= 0,
              f"mod_every must be an integer >= 0 (2 routes every other block, 0 gives the dense baseline), "
              f"got {self.mod_every!r}")
         need(self.router_weight in ("sigmoid", "raw"),
@@ -91,13 +93,339 @@ def tokens_routed(capacity, T):
 
 
 # -----------------------------------------------------------------------------
-# The ordinary transformer block (nanoGPT), and the KV cache used while generating
+# The ordinary transformer block (nanoGPT)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+
+    def forward(self, x, cache=None, valid=None, counts=None):
+        # x: (B, t, C). Without a cache, plain causal attention over these t tokens. With a cache (generation), the
+        # t new tokens also attend to the ones stored before; valid and counts say which new ones are real (KVCache).
+        B, t, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (z.view(B, t, self.n_head, C // self.n_head) for z in (q, k, v))  # (B, t, nh, hs)
+        if cache is None:
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, nh, t, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
+        else:
+            k, v, visible = cache.append(k, v, valid, counts)  # (B, S, nh, hs), (B, t, S)
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, nh, ., hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+        y = y.transpose(1, 2).contiguous().view(B, t, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A GPT-2 block. forward is nanoGPT's, two residual adds; update is the same arithmetic written as f(x), the
+    block's update on its own, which a routed block scales before adding it to the residual stream (Eq. 1)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):  # a dense block: x + f(x) without f as a tensor of its own
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+    def update(self, x, cache=None, valid=None, counts=None):
+        # f(x) = a + m, so that x + f(x) is forward(x) up to rounding; it costs one more add than forward
+        a = self.attn(self.ln_1(x), cache, valid, counts)
+        m = self.mlp(self.ln_2(x + a))
+        return a + m
+
+
+# -----------------------------------------------------------------------------
+# Mixture-of-Depths: the router (section 3.1), the predictor (section 3.5) and the routed block (Eq. 1)
+
+
+class Router(nn.Module):
+    """r_i = w^T x_i: one scalar per token, one router per routed block (section 3.1; no bias in the paper)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.n_embd, 1, bias=False)
+
+    def forward(self, x):  # (B, T, C) -> (B, T) router logits, in fp32
+        # Top-k compares scores across the sequence. In bf16 (8 significant bits) close scores round to exact ties
+        # and the chosen tokens would depend on the dtype, so the router computes in fp32 even under autocast (as
+        # mixture-of-experts routers do). It is one C -> 1 projection: the cost is negligible.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.proj(x.float()).squeeze(-1)
+
+
+class Predictor(nn.Module):
+    """Causal routing for sampling (section 3.5, method 2): a small MLP that guesses, from one token alone, whether
+    the router's top-k will pick it. It reads the block input through a stop-gradient and is trained by BCE against
+    the top-k mask, so it never changes what the language model learns."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.predictor_hidden)
+        self.gelu = nn.GELU()
+        self.out = nn.Linear(config.predictor_hidden, 1)
+
+    def forward(self, x):  # (B, T, C) -> (B, T) logits in fp32 (as the Router's); > 0 means "route this token"
+        with torch.autocast(x.device.type, enabled=False):
+            return self.out(self.gelu(self.fc(x.detach().float()))).squeeze(-1)  # detach(): the stop-gradient
+
+
+@dataclass
+class RoutingInfo:
+    """What a routed block decided, for the losses, the logs and model.last_routing. All (B, T)."""
+    router_logits: torch.Tensor
+    predictor_logits: torch.Tensor
+    topk: torch.Tensor  # bool: the top-k choice, target of the predictor's BCE (and the router's); None with a cache
+    processed: torch.Tensor  # bool: the tokens that went through the block (== topk in "topk" mode)
+
+
+class MoDBlock(nn.Module):
+    """A Block that only the top-k tokens of each sequence go through; all others skip it on the residual stream.
+
+    Eq. 1:  x_i <- x_i + w(r_i) * f_i(X~)   if token i is routed,   x_i <- x_i   otherwise,
+    where X~ are the routed tokens of the sequence (attention inside the block sees only them) and f is the Block's
+    update. Multiplying by w(r_i) puts the router on the gradient path: top-k itself has no gradient.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.block = Block(config)
+        self.router = Router(config)
+        self.predictor = Predictor(config)
+        self.capacity = config.capacity
+        self.random = config.router == "random"
+        self.router_weight = config.router_weight
+
+    def forward(self, x, routing="topk", cache=None):
+        B, T, C = x.shape
+        r = self.router(x)  # (B, T)
+        p = self.predictor(x)  # (B, T)
+
+        # The paper's control routes on "router weights sampled from a Gaussian": the noise picks the tokens and
+        # is also their weight, so the control learns neither which tokens deserve the block nor how much.
+        scores = torch.randn_like(r) if self.random else r  # (B, T)
+
+        # Expert-choice top-k, per sequence: the k highest-scoring tokens of each row. It looks at the whole
+        # sequence, future included, so it is the training rule and the predictor's target, never a sampling rule.
+        # With a cache (generation) only the new tokens are here, so a top-k over them would mean nothing: skip it.
+        topk = None
+        if cache is None:
+            k = tokens_routed(self.capacity, T)
+            chosen = scores.topk(k, dim=1).indices  # (B, k), in score order
+            topk = torch.zeros_like(r, dtype=torch.bool).scatter_(1, chosen, True)  # (B, T)
+
+        if routing == "topk":
+            processed = topk
+            order = chosen.sort(dim=1).values  # (B, k) in sequence order, so the block's causal mask stays causal
+            valid = counts = None  # every row routes exactly k tokens: no padding
+        else:  # causal routing, for sampling: see causal_route below
+            processed, order, valid, counts = self.causal_route(p if routing == "predictor" else r)
+            if order is None:  # no row routes anything here: skip the block (an empty attention would be NaN)
+                return x, RoutingInfo(r, p, topk, processed)
+
+        # Gather the routed tokens of each row into a (B, k, C) tensor, run the block on them alone, and add the
+        # weighted update back at their positions: Eq. 1.
+        index = order.unsqueeze(-1).expand(-1, -1, C)  # (B, k, C)
+        x_routed = x.gather(1, index)  # (B, k, C)
+        f = self.block.update(x_routed, cache, valid, counts)  # (B, k, C): attention + MLP on the routed tokens
+        w = self.weight(scores.gather(1, order)).unsqueeze(-1)  # (B, k, 1)
+        delta = w * f if valid is None else torch.where(valid.unsqueeze(-1), w * f, 0.0)  # padding adds nothing
+        # the residual is added exactly once: x + w * f at routed positions, x untouched everywhere else
+        # (under mixed precision f is bf16/fp16 while the residual stream x stays fp32: scatter_add wants one dtype)
+        return x.scatter_add(1, index, delta.to(x.dtype)), RoutingInfo(r, p, topk, processed)
+
+    def weight(self, r):
+        # Eq. 1 multiplies by raw r; the paper's figures show weights in [0, 1] (sigmoid). We keep raw r, which
+        # measured better: the causal-vs-top-k loss gap was 0.02-0.24% with raw r and 0.7-1.5% with sigmoid over
+        # 3 seeds (README). With raw r a routed token can get a negative weight.
+        return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
+
+    def causal_route(self, logits):
+        """Causal routing (section 3.5): each token decides alone, from its own logit (B, T): the predictor's, or
+        the router's once it has been trained with router_aux_loss. Returns processed (B, T) bool, the tokens that
+        go through the block; order (B, k), each row's routed positions first, padded up to k, the most any row
+        routes (None when no row routes anything); valid (B, k), True for the real tokens of order; counts, each
+        row's number of routed tokens, on the host."""
+        processed = logits > 0  # (B, T)
+        # Rows route different numbers of tokens, and the tensor shapes depend on those numbers, so Python must know
+        # them: this is the one host-device sync of a routed block. It buys the saving itself: a block that no row
+        # routes into is skipped, and the others run on max(counts) tokens per row instead of T.
+        counts = to_host(processed.sum(1))  # (B,) on the host
+        k = max(counts)
+        if k == 0:
+            return processed, None, None, counts
+        # The routed positions of each row, first and in sequence order (a stable sort of the 0/1 mask), then
+        # padding up to k with some of its other tokens: the padding sits after every real token, so no real
+        # query can see it, and its result is thrown away.
+        order = processed.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+        valid = processed.gather(1, order)  # (B, k) True for real tokens
+        return processed, order, valid, counts
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+ROUTING_MODES = ("topk", "predictor", "router")  # forward's routing: training's top-k, or causal (for sampling)
+
+
+class MoDGPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()  # also catches fields changed after the config was made
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([MoDBlock(config) if config.is_routed(i) else Block(config)
+                             for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        # nanoGPT's init: N(0, 0.02), residual projections scaled down by 1/sqrt(2 * n_layer) (GPT-2 paper)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
+        self.last_stats = {}  # the parts of the last loss, detached, for logging (router_loss: with router_aux_loss)
+        self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
+        self.warned_router = False  # routing="router" without router_aux_loss warns once (see check_call)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, routing="topk", cache=None, check_input=True):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, with targets (B, T), the training loss:
+        LM cross-entropy + the predictor's BCE + router_aux_loss * the router's BCE (parts in self.last_stats).
+        Targets of -1 are ignored.
+
+        routing: "topk" (training; looks ahead in the sequence), "predictor" or "router" (causal).
+        cache: a Cache from new_cache() to continue a sequence token by token (causal routing only).
+        check_input: also check that every token id (and target) is in range, with a clear error if not. In eager
+        mode this reads the ids, a host-device sync on a GPU; under torch.compile the check is skipped, because
+        reading values would break the graph, so the default call compiles to one graph. train.py, which checks its
+        data once when it loads it, passes False, and so does generate() after checking the prompt. Shapes, dtypes,
+        lengths and modes are always checked: that costs nothing (see "Input checks" at the end of the file).
+        """
+        check_call(self, idx, targets, routing, cache)
+        if check_input and not torch.compiler.is_compiling():  # reading the ids would break a compiled graph
+            check_token_ids(self.config.vocab_size, idx, targets)
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        infos = []  # one RoutingInfo per routed block
+        self.last_routing = []
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = None if cache is None else cache.layers[i]
+            if isinstance(block, MoDBlock):
+                x, info = block(x, routing, layer_cache)
+                infos.append(info)
+                self.last_routing.append(info.processed)
+            else:
+                x = block(x, layer_cache)
+                self.last_routing.append(None)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = self._loss(logits, targets, infos)
+        return logits, loss
+
+    def _loss(self, logits, targets, infos):
+        # reshape, not view: targets may be a slice such as idx[:, 1:], which is not contiguous
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        stats = dict(lm_loss=lm_loss.detach())
+        if not infos:  # a dense model has no routing
+            stats.update(predictor_loss=lm_loss.new_zeros(()), predictor_acc=lm_loss.new_zeros(()),
+                         routed_frac=lm_loss.new_zeros(0))
+            self.last_stats = stats
+            return lm_loss
+        # All routed blocks at once, (n_routed, B, T): one BCE over them is the mean of the blocks' BCEs. Each target
+        # row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled across the batch).
+        topk = torch.stack([i.topk for i in infos])
+        target = topk.float()
+        predictor_logits = torch.stack([i.predictor_logits for i in infos])
+        predictor_loss = F.binary_cross_entropy_with_logits(predictor_logits, target)
+        loss = lm_loss + predictor_loss
+        if self.config.router_aux_loss > 0:  # the paper's method 1: the router's own BCE makes it causal
+            router_loss = F.binary_cross_entropy_with_logits(torch.stack([i.router_logits for i in infos]), target)
+            loss = loss + self.config.router_aux_loss * router_loss
+            stats["router_loss"] = router_loss.detach()
+        with torch.no_grad():  # for the log
+            stats.update(predictor_loss=predictor_loss.detach(),
+                         predictor_acc=((predictor_logits > 0) == topk).float().mean(),
+                         routed_frac=torch.stack([i.processed for i in infos]).float().mean((1, 2)))  # per block
+        self.last_stats = stats
+        return loss
+
+    def new_cache(self, batch_size, max_len=None):
+        """An empty Cache for batch_size sequences of up to max_len tokens (default and at most: block_size)."""
+        max_len = self.config.block_size if max_len is None else max_len
+        if not (_is_int(batch_size) and batch_size >= 1 and _is_int(max_len)
+                and 1 <= max_len <= self.config.block_size):
+            raise ValueError(f"new_cache needs batch_size >= 1 and 1 <= max_len <= block_size "
+                             f"({self.config.block_size}), got {batch_size!r} and {max_len!r}")
+        return Cache(self.config, batch_size, max_len, self.lm_head.weight.device)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, routing="predictor"):
+        """Sample max_new_tokens tokens after idx (B, T) with a KV cache and causal routing: see generate() below."""
+        return generate(self, idx, max_new_tokens, temperature, top_k, routing)
+
+    def estimate_flops(self, T):
+        """FLOPs of one forward pass over a sequence of T tokens, in "topk" routing: see estimate_flops() below."""
+        return estimate_flops(self, T)
+
+
+# -----------------------------------------------------------------------------
+# Generation: the one host-device sync, the KV cache, and sampling with causal routing
 
 
 def to_host(t):
     """A small tensor's values as Python numbers. On a GPU this is a host-device sync: Python waits until the GPU
     has computed everything queued before it. The training step never calls it; cached generation calls it once per
-    routed block per step (see MoDBlock), and the tests count the calls."""
+    routed block per step (see MoDBlock.causal_route), and the tests count the calls."""
     return t.tolist()
 
 
@@ -158,194 +486,6 @@ class KVCache:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
-class CausalSelfAttention(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-
-    def forward(self, x, cache=None, valid=None, counts=None):
-        # x: (B, t, C). Without a cache, plain causal attention over these t tokens. With a cache (generation),
-        # the t new tokens also attend to the ones stored before; valid and counts say which new tokens are real
-        # (KVCache.append).
-        B, t, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (z.view(B, t, self.n_head, C // self.n_head) for z in (q, k, v))  # (B, t, nh, hs)
-        if cache is None:
-            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, nh, t, hs)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
-        else:
-            k, v, visible = cache.append(k, v, valid, counts)  # (B, S, nh, hs), (B, t, S)
-            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, nh, ., hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
-        y = y.transpose(1, 2).contiguous().view(B, t, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    """A GPT-2 block. forward is nanoGPT's, two residual adds; update is the same arithmetic written as f(x), the
-    block's update on its own, which a routed block scales before adding it to the residual stream (Eq. 1)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x, cache=None):  # a dense block: x + f(x) without f as a tensor of its own
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
-
-    def update(self, x, cache=None, valid=None, counts=None):
-        # f(x) = a + m, so that x + f(x) is forward(x) up to rounding; it costs one more add than forward
-        a = self.attn(self.ln_1(x), cache, valid, counts)
-        m = self.mlp(self.ln_2(x + a))
-        return a + m
-
-
-# -----------------------------------------------------------------------------
-# Mixture-of-Depths
-
-
-class Router(nn.Module):
-    """r_i = w^T x_i: one scalar per token, one router per routed block (section 3.1; no bias in the paper)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.proj = nn.Linear(config.n_embd, 1, bias=False)
-
-    def forward(self, x):  # (B, T, C) -> (B, T) router logits, in fp32
-        # Top-k compares scores across the sequence. In bf16 (8 significant bits) close scores round to exact ties
-        # and the chosen tokens would depend on the dtype, so the router computes in fp32 even under autocast (as
-        # mixture-of-experts routers do). It is one C -> 1 projection: the cost is negligible.
-        with torch.autocast(x.device.type, enabled=False):
-            return self.proj(x.float()).squeeze(-1)
-
-
-class Predictor(nn.Module):
-    """Causal routing for sampling (section 3.5, method 2): a small MLP that guesses, from one token alone, whether
-    the router's top-k will pick it. It reads the block input through a stop-gradient and is trained by BCE against
-    the top-k mask, so it never changes what the language model learns."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.predictor_hidden)
-        self.gelu = nn.GELU()
-        self.out = nn.Linear(config.predictor_hidden, 1)
-
-    def forward(self, x):  # (B, T, C) -> (B, T) logits in fp32 (as the Router's); > 0 means "route this token"
-        with torch.autocast(x.device.type, enabled=False):
-            return self.out(self.gelu(self.fc(x.detach().float()))).squeeze(-1)  # detach(): the stop-gradient
-
-
-@dataclass
-class RoutingInfo:
-    """What a routed block decided, for the losses, the logs and model.last_routing. All (B, T)."""
-    router_logits: torch.Tensor
-    predictor_logits: torch.Tensor
-    topk: torch.Tensor  # bool: the top-k choice, the target of the predictor (and of the router's aux loss);
-    #                     None when generating with a cache
-    processed: torch.Tensor  # bool: the tokens that went through the block (== topk in "topk" mode)
-
-
-class MoDBlock(nn.Module):
-    """A Block that only the top-k tokens of each sequence go through; all others skip it on the residual stream.
-
-    Eq. 1:  x_i <- x_i + w(r_i) * f_i(X~)   if token i is routed,   x_i <- x_i   otherwise,
-    where X~ are the routed tokens of the sequence (attention inside the block sees only them) and f is the Block's
-    update. Multiplying by w(r_i) puts the router on the gradient path: top-k itself has no gradient.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.block = Block(config)
-        self.router = Router(config)
-        self.predictor = Predictor(config)
-        self.capacity = config.capacity
-        self.random = config.router == "random"
-        self.router_weight = config.router_weight
-
-    def weight(self, r):
-        # Eq. 1 multiplies by raw r; the paper's figures show weights in [0, 1] (sigmoid). We keep raw r, which
-        # measured better: the causal-vs-top-k loss gap was 0.02-0.24% with raw r and 0.7-1.5% with sigmoid over
-        # 3 seeds (README). With raw r a routed token can get a negative weight.
-        return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
-
-    def forward(self, x, routing="topk", cache=None):
-        B, T, C = x.shape
-        r = self.router(x)  # (B, T)
-        p = self.predictor(x)  # (B, T)
-
-        # The paper's control routes on "router weights sampled from a Gaussian": the noise picks the tokens and
-        # is also their weight, so the control learns neither which tokens deserve the block nor how much.
-        scores = torch.randn_like(r) if self.random else r  # (B, T)
-
-        # Expert-choice top-k, per sequence: the k highest-scoring tokens of each row. It looks at the whole
-        # sequence, future included, so it is the training rule and the predictor's target, never a sampling rule.
-        # With a cache (generation) only the new tokens are here, so a top-k over them would mean nothing: skip it.
-        topk = None
-        if cache is None:
-            k = tokens_routed(self.capacity, T)
-            chosen = scores.topk(k, dim=1).indices  # (B, k), in score order
-            topk = torch.zeros_like(r, dtype=torch.bool).scatter_(1, chosen, True)  # (B, T)
-
-        if routing == "topk":
-            processed = topk
-            # sorted back into sequence order, so the causal mask inside the block stays causal
-            order = chosen.sort(dim=1).values  # (B, k)
-            valid = counts = None  # every row routes exactly k tokens: no padding
-        else:
-            # causal: each token decides alone, from its own logit: the predictor's, or the router's once it has
-            # been trained with router_aux_loss. Rows route different numbers of tokens, and the tensor shapes
-            # depend on those numbers, so Python must know them: this is the one host-device sync of a routed
-            # block. It buys the saving itself: a block that no row routes into is skipped, and the others run
-            # on max(counts) tokens per row instead of T.
-            processed = (p if routing == "predictor" else r) > 0  # (B, T)
-            counts = to_host(processed.sum(1))  # (B,) on the host
-            k = max(counts)
-            if k == 0:  # no row routes anything here: skip the block (an empty attention would be NaN)
-                return x, RoutingInfo(r, p, topk, processed)
-            # The routed positions of each row, first and in sequence order (a stable sort of the 0/1 mask), then
-            # padding up to k with some of its other tokens: the padding sits after every real token, so no real
-            # query can see it, and its result is thrown away.
-            order = processed.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
-            valid = processed.gather(1, order)  # (B, k) True for real tokens
-
-        # Gather the routed tokens of each row into a (B, k, C) tensor, run the block on them alone, and add the
-        # weighted update back at their positions: Eq. 1.
-        index = order.unsqueeze(-1).expand(B, k, C)
-        x_routed = x.gather(1, index)  # (B, k, C)
-        f = self.block.update(x_routed, cache, valid, counts)  # (B, k, C): attention + MLP on the routed tokens
-        w = self.weight(scores.gather(1, order)).unsqueeze(-1)  # (B, k, 1)
-        delta = w * f if valid is None else torch.where(valid.unsqueeze(-1), w * f, 0.0)  # padding adds nothing
-        # the residual is added exactly once: x + w * f at routed positions, x untouched everywhere else
-        # (under mixed precision f is bf16/fp16 while the residual stream x stays fp32: scatter_add wants one dtype)
-        return x.scatter_add(1, index, delta.to(x.dtype)), RoutingInfo(r, p, topk, processed)
-
-
-# -----------------------------------------------------------------------------
-# The model
-
-
 class Cache:
     """Generation state: one KVCache per block and `pos`, the number of tokens the cache has seen so far (at most
     max_len)."""
@@ -356,257 +496,168 @@ class Cache:
         self.pos = 0
 
 
-class MoDGPT(nn.Module):
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, routing="predictor"):
+    """Sample max_new_tokens tokens after idx (B, T) with a KV cache and causal routing.
 
-    def __init__(self, config):
-        super().__init__()
-        config.validate()  # also catches fields changed after the config was made
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([MoDBlock(config) if config.is_routed(i) else Block(config)
-                             for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        # nanoGPT's init: N(0, 0.02), residual projections scaled down by 1/sqrt(2 * n_layer) (GPT-2 paper)
-        self.apply(self._init_weights)
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
-        self.last_stats = {}  # the parts of the last loss, detached, for logging (router_loss: with router_aux_loss)
-        self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
-        self.warned_router = False  # routing="router" without router_aux_loss warns once (see _check_input)
+    At a routed block only the tokens routed there compute anything and store keys/values. The prompt is routed
+    with the same causal rule. temperature=0 is greedy. Past block_size the context is cropped: when the window
+    is full, the older half is dropped and the newer half is run again (re-prefilled) into fresh caches, so the
+    logits are always those of model(window) for the current window.
+    After the call, model.last_routing covers the returned sequence (for tokens processed more than once, the
+    latest decision); the last sampled token has not been through the model and reads False.
+    model.last_cache_nbytes holds the bytes of each block's KV cache at the end.
+    """
+    check_generate(model, idx, max_new_tokens, temperature, top_k, routing)  # reads the prompt's ids once
+    B, T0 = idx.shape
+    window = model.config.block_size
+    routed = [isinstance(b, MoDBlock) for b in model.transformer.h]
+    seen = [torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool, device=idx.device) if r else None
+            for r in routed]
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def run(start, end, cache):  # feed idx[:, start:end] and record which tokens each routed block processed
+        logits, _ = model(idx[:, start:end], routing=routing, cache=cache, check_input=False)
+        for record, processed in zip(seen, model.last_routing):
+            if record is not None:
+                record[:, start:end] = processed
+        return logits[:, -1, :]
 
-    def get_num_params(self, non_embedding=True):
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
+    start = max(0, T0 - window)  # a prompt longer than the window: keep its last block_size tokens
+    max_len = min(window, T0 - start + max_new_tokens - 1)  # the most tokens a cache will hold
+    cache = model.new_cache(B, max(1, max_len))
+    logits = run(start, T0, cache) if max_new_tokens > 0 else None
+    for step in range(max_new_tokens):
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))  # (a boolean index would sync)
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+        idx = torch.cat((idx, next_id), dim=1)
+        if step == max_new_tokens - 1:
+            break  # the last token is returned, not fed back
+        end = idx.size(1)
+        if end - start > window:  # window full: keep its newer half and re-prefill it into fresh caches
+            start = end - max(1, window // 2)
+            cache = model.new_cache(B, max_len)
+            logits = run(start, end, cache)
+        else:
+            logits = run(end - 1, end, cache)
+    model.last_routing = seen
+    model.last_cache_nbytes = [layer.nbytes() for layer in cache.layers]  # per block, at the end
+    return idx
 
-    def new_cache(self, batch_size, max_len=None):
-        """An empty Cache for batch_size sequences of up to max_len tokens (default and at most: block_size)."""
-        max_len = self.config.block_size if max_len is None else max_len
-        if not (isinstance(batch_size, int) and batch_size >= 1 and isinstance(max_len, int)
-                and 1 <= max_len <= self.config.block_size):
-            raise ValueError(f"new_cache needs batch_size >= 1 and 1 <= max_len <= block_size "
-                             f"({self.config.block_size}), got {batch_size!r} and {max_len!r}")
-        return Cache(self.config, batch_size, max_len, self.lm_head.weight.device)
 
-    def forward(self, idx, targets=None, routing="topk", cache=None, check_input=True):
-        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, with targets (B, T), the training loss:
-        LM cross-entropy + the predictor's BCE + router_aux_loss * the router's BCE (parts in self.last_stats).
-        Targets of -1 are ignored.
+# -----------------------------------------------------------------------------
+# estimate_flops: the FLOPs of one forward pass
 
-        routing: "topk" (training; looks ahead in the sequence), "predictor" or "router" (causal).
-        cache: a Cache from new_cache() to continue a sequence token by token (causal routing only).
-        check_input: also check that every token id (and target) is in range, with a clear error if not. Reading
-        the ids costs a host-device sync on a GPU and a graph break under torch.compile, so train.py, which checks
-        its data once when it loads it, passes False, and so does generate() after checking the prompt. Shapes,
-        dtypes and lengths are always checked: that costs nothing.
-        """
-        self._check_input(idx, targets, routing, cache)
-        if check_input:
-            self._check_values(idx, targets)
-        B, T = idx.shape
-        start = 0 if cache is None else cache.pos
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        infos = []  # one RoutingInfo per routed block
-        self.last_routing = []
-        for i, block in enumerate(self.transformer.h):
-            layer_cache = None if cache is None else cache.layers[i]
-            if isinstance(block, MoDBlock):
-                x, info = block(x, routing, layer_cache)
-                infos.append(info)
-                self.last_routing.append(info.processed)
-            else:
-                x = block(x, layer_cache)
-                self.last_routing.append(None)
-        if cache is not None:
-            cache.pos += T
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = self._loss(logits, targets, infos)
-        return logits, loss
 
-    def _loss(self, logits, targets, infos):
-        # reshape, not view: targets may be a slice such as idx[:, 1:], which is not contiguous
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        stats = dict(lm_loss=lm_loss.detach())
-        if not infos:  # a dense model has no routing
-            stats.update(predictor_loss=lm_loss.new_zeros(()), predictor_acc=lm_loss.new_zeros(()),
-                         routed_frac=lm_loss.new_zeros(0))
-            self.last_stats = stats
-            return lm_loss
-        # All routed blocks at once, (n_routed, B, T): one BCE over them is the mean of the blocks' BCEs. Each target
-        # row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled across the batch).
-        topk = torch.stack([i.topk for i in infos])
-        target = topk.float()
-        predictor_logits = torch.stack([i.predictor_logits for i in infos])
-        predictor_loss = F.binary_cross_entropy_with_logits(predictor_logits, target)
-        loss = lm_loss + predictor_loss
-        if self.config.router_aux_loss > 0:  # the paper's method 1: the router's own BCE makes it causal
-            router_loss = F.binary_cross_entropy_with_logits(torch.stack([i.router_logits for i in infos]), target)
-            loss = loss + self.config.router_aux_loss * router_loss
-            stats["router_loss"] = router_loss.detach()
-        with torch.no_grad():  # for the log
-            stats.update(predictor_loss=predictor_loss.detach(),
-                         predictor_acc=((predictor_logits > 0) == topk).float().mean(),
-                         routed_frac=torch.stack([i.processed for i in infos]).float().mean((1, 2)))  # per block
-        self.last_stats = stats
-        return loss
+def estimate_flops(model, T):
+    """FLOPs (multiply-add = 2) of one forward pass over a sequence of T tokens, in "topk" routing.
 
-    def _check_input(self, idx, targets, routing, cache):
-        """Shapes, dtypes, lengths and modes: metadata only, free on any device."""
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"unknown routing {routing!r}: use one of {', '.join(ROUTING_MODES)}")
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
-            got = f"shape {tuple(idx.shape)} and dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else repr(idx)
-            raise ValueError(f"idx must be a (B, T) torch.long tensor of token ids with T >= 1, got {got}: "
-                             f"for one sequence use idx[None] (or idx.unsqueeze(0))")
-        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
-                                    or targets.dtype != torch.long):
-            got = (f"shape {tuple(targets.shape)} and dtype {targets.dtype}" if isinstance(targets, torch.Tensor)
-                   else repr(targets))
-            raise ValueError(f"targets must be a torch.long tensor of the shape of idx {tuple(idx.shape)}, got {got}")
-        if routing == "router" and self.config.router_aux_loss == 0 and self.config.routed_blocks():
-            if not self.warned_router:  # once per model, not once per generated token
-                self.warned_router = True
-                warnings.warn("routing='router' on a model trained with router_aux_loss=0: its router was not "
-                              "taught to be causal; routing='predictor' is the reliable choice")
-        length = idx.size(1)
-        if cache is not None:
-            if routing == "topk":
-                raise ValueError("routing='topk' looks at future tokens and cannot be used with a cache: "
-                                 "generate with routing='predictor' (or 'router')")
-            if targets is not None:
-                raise ValueError("targets are for training and a cache is for generation: pass one or the other")
-            if cache.batch_size != idx.size(0):
-                raise ValueError(f"the cache was made for a batch of {cache.batch_size} sequences, idx has "
-                                 f"{idx.size(0)}: make one with model.new_cache({idx.size(0)})")
-            length += cache.pos
-            if length > cache.max_len:
-                raise ValueError(f"the cache holds {cache.max_len} tokens and has {cache.pos}, so it cannot take "
-                                 f"{idx.size(1)} more: make a larger one with new_cache(batch_size, max_len)")
-        if length > self.config.block_size:
-            raise ValueError(f"sequence of length {length} is longer than block_size {self.config.block_size}: "
-                             f"crop it to the last {self.config.block_size} tokens or train with a larger block_size")
+    Returns a dict: 'blocks_linear' (the Linear layers of all blocks), 'blocks_attention' (q @ k^T and
+    att @ v, counted in full as torch's FlopCounterMode does), 'routing' (routers and predictors),
+    'head' (lm_head), 'total'. A routed block processes k = capacity * T tokens: its linear cost scales with k,
+    its attention with k^2. At capacity 0.125 on every other block, the routed half of the blocks costs 1/8 of a
+    dense block's linear FLOPs and 1/64 of its attention FLOPs, so the block stack's linear FLOPs are
+    (1 + 1/8) / 2 = 0.56x the dense model's (plus the routers and predictors, which are small).
+    """
+    cfg = model.config
+    C, H = cfg.n_embd, cfg.predictor_hidden
+    linear_per_token = 2 * 12 * C * C  # qkv 3C^2, attention proj C^2, MLP 8C^2 multiply-adds
+    blocks_linear = blocks_attention = routing = 0
+    for block in model.transformer.h:
+        n = T
+        if isinstance(block, MoDBlock):
+            n = tokens_routed(cfg.capacity, T)
+            routing += T * (2 * C + 2 * C * H + 2 * H)  # router C -> 1, predictor C -> H -> 1, on every token
+        blocks_linear += n * linear_per_token
+        blocks_attention += 2 * 2 * n * n * C  # q @ k^T and att @ v over the n tokens the block sees
+    head = 2 * T * C * cfg.vocab_size
+    total = blocks_linear + blocks_attention + routing + head
+    return dict(blocks_linear=blocks_linear, blocks_attention=blocks_attention, routing=routing, head=head,
+                total=total)
 
-    def _check_values(self, idx, targets):
-        """Token ids in [0, vocab_size) and targets in [-1, vocab_size): this reads the tensors (a sync on a GPU)."""
-        V = self.config.vocab_size
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"token ids must be in [0, {V}), got ids from {lo} to {hi}: encode with the tokenizer "
-                             f"this model was trained with")
-        if targets is not None:
-            lo, hi = int(targets.min()), int(targets.max())
-            if lo < -1 or hi >= V:
-                raise ValueError(f"targets must be in [0, {V}) (or -1 to ignore a position), got {lo} to {hi}")
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, routing="predictor"):
-        """Sample max_new_tokens tokens after idx (B, T) with a KV cache and causal routing.
+# -----------------------------------------------------------------------------
+# Input checks: one clear ValueError for each bad call
 
-        At a routed block only the tokens routed there compute anything and store keys/values. The prompt is routed
-        with the same causal rule. temperature=0 is greedy. Past block_size the context is cropped: when the window
-        is full, the older half is dropped and the newer half is run again (re-prefilled) into fresh caches, so the
-        logits are always those of model(window) for the current window.
-        After the call, self.last_routing covers the returned sequence (for tokens processed more than once, the
-        latest decision); the last sampled token has not been through the model and reads False.
-        self.last_cache_nbytes holds the bytes of each block's KV cache at the end.
-        """
+
+def _is_int(v):
+    """An int, and not a bool (True is an int in Python, but not a count)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return _is_int(v) or isinstance(v, float)
+
+
+def check_call(model, idx, targets, routing, cache):
+    """A forward call's shapes, dtypes, lengths and modes: metadata only, free on any device and under compile."""
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"unknown routing {routing!r}: use one of {', '.join(ROUTING_MODES)}")
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
+        got = f"shape {tuple(idx.shape)} and dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else repr(idx)
+        raise ValueError(f"idx must be a (B, T) torch.long tensor of token ids with T >= 1, got {got}: "
+                         f"for one sequence use idx[None] (or idx.unsqueeze(0))")
+    if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
+                                or targets.dtype != torch.long):
+        got = (f"shape {tuple(targets.shape)} and dtype {targets.dtype}" if isinstance(targets, torch.Tensor)
+               else repr(targets))
+        raise ValueError(f"targets must be a torch.long tensor of the shape of idx {tuple(idx.shape)}, got {got}")
+    if routing == "router" and model.config.router_aux_loss == 0 and model.config.routed_blocks():
+        if not model.warned_router:  # once per model, not once per generated token
+            model.warned_router = True
+            warnings.warn("routing='router' on a model trained with router_aux_loss=0: its router was not "
+                          "taught to be causal; routing='predictor' is the reliable choice")
+    length = idx.size(1)
+    if cache is not None:
         if routing == "topk":
-            raise ValueError("routing='topk' looks at future tokens, so it cannot generate: use 'predictor' "
-                             "(or 'router' after training with router_aux_loss > 0)")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                or not math.isfinite(temperature) or temperature < 0):
-            raise ValueError(f"temperature must be >= 0, a finite number (0 is greedy), got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise ValueError(f"top_k must be >= 1, an integer (or None for no limit), got {top_k!r}")
-        if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.size(1) == 0:
-            raise ValueError("generate needs a (B, T) prompt with T >= 1: start from a newline or end-of-text token")
-        # check the prompt once, here; the steps below skip the check that reads the ids (a sync per step)
-        self._check_input(idx[:, -self.config.block_size:] if isinstance(idx, torch.Tensor) and idx.dim() == 2
-                          else idx, None, routing, None)
-        self._check_values(idx, None)
-        B, T0 = idx.shape
-        window = self.config.block_size
-        routed = [isinstance(b, MoDBlock) for b in self.transformer.h]
-        seen = [torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool, device=idx.device) if r else None
-                for r in routed]
+            raise ValueError("routing='topk' looks at future tokens and cannot be used with a cache: "
+                             "generate with routing='predictor' (or 'router')")
+        if targets is not None:
+            raise ValueError("targets are for training and a cache is for generation: pass one or the other")
+        if cache.batch_size != idx.size(0):
+            raise ValueError(f"the cache was made for a batch of {cache.batch_size} sequences, idx has "
+                             f"{idx.size(0)}: make one with model.new_cache({idx.size(0)})")
+        length += cache.pos
+        if length > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} tokens and has {cache.pos}, so it cannot take "
+                             f"{idx.size(1)} more: make a larger one with new_cache(batch_size, max_len)")
+    if length > model.config.block_size:
+        raise ValueError(f"sequence of length {length} is longer than block_size {model.config.block_size}: "
+                         f"crop it to the last {model.config.block_size} tokens or train with a larger block_size")
 
-        def run(start, end, cache):  # feed idx[:, start:end] and record which tokens each routed block processed
-            logits, _ = self(idx[:, start:end], routing=routing, cache=cache, check_input=False)
-            for record, processed in zip(seen, self.last_routing):
-                if record is not None:
-                    record[:, start:end] = processed
-            return logits[:, -1, :]
 
-        start = max(0, T0 - window)  # a prompt longer than the window: keep its last block_size tokens
-        max_len = min(window, T0 - start + max_new_tokens - 1)  # the most tokens a cache will hold
-        cache = self.new_cache(B, max(1, max_len))
-        logits = run(start, T0, cache) if max_new_tokens > 0 else None
-        for step in range(max_new_tokens):
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))  # (a boolean index would sync)
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-            idx = torch.cat((idx, next_id), dim=1)
-            if step == max_new_tokens - 1:
-                break  # the last token is returned, not fed back
-            end = idx.size(1)
-            if end - start > window:  # window full: keep its newer half and re-prefill it into fresh caches
-                start = end - max(1, window // 2)
-                cache = self.new_cache(B, max_len)
-                logits = run(start, end, cache)
-            else:
-                logits = run(end - 1, end, cache)
-        self.last_routing = seen
-        self.last_cache_nbytes = [layer.nbytes() for layer in cache.layers]  # per block, at the end
-        return idx
+def check_token_ids(V, idx, targets):
+    """Token ids in [0, V) and targets in [-1, V), V the vocab_size: this reads the tensors (a sync on a GPU, and a
+    graph break under torch.compile)."""
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"token ids must be in [0, {V}), got ids from {lo} to {hi}: encode with the tokenizer "
+                         f"this model was trained with")
+    if targets is not None:
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < -1 or hi >= V:
+            raise ValueError(f"targets must be in [0, {V}) (or -1 to ignore a position), got {lo} to {hi}")
 
-    def estimate_flops(self, T):
-        """FLOPs (multiply-add = 2) of one forward pass over a sequence of T tokens, in "topk" routing.
 
-        Returns a dict: 'blocks_linear' (the Linear layers of all blocks), 'blocks_attention' (q @ k^T and
-        att @ v, counted in full as torch's FlopCounterMode does), 'routing' (routers and predictors),
-        'head' (lm_head), 'total'. A routed block processes k = capacity * T tokens: its linear cost scales with k,
-        its attention with k^2 (section 4 of MOD_NOTES: ~0.56x of the dense block stack at 12.5% every other block).
-        """
-        cfg = self.config
-        C, H = cfg.n_embd, cfg.predictor_hidden
-        linear_per_token = 2 * 12 * C * C  # qkv 3C^2, attention proj C^2, MLP 8C^2 multiply-adds
-        blocks_linear = blocks_attention = routing = 0
-        for block in self.transformer.h:
-            n = T
-            if isinstance(block, MoDBlock):
-                n = tokens_routed(cfg.capacity, T)
-                routing += T * (2 * C + 2 * C * H + 2 * H)  # router C -> 1, predictor C -> H -> 1, on every token
-            blocks_linear += n * linear_per_token
-            blocks_attention += 2 * 2 * n * n * C  # q @ k^T and att @ v over the n tokens the block sees
-        head = 2 * T * C * cfg.vocab_size
-        total = blocks_linear + blocks_attention + routing + head
-        return dict(blocks_linear=blocks_linear, blocks_attention=blocks_attention, routing=routing, head=head,
-                    total=total)
+def check_generate(model, idx, max_new_tokens, temperature, top_k, routing):
+    """generate()'s arguments and its prompt: shapes, and the ids once (the steps skip the check that reads them)."""
+    if routing == "topk":
+        raise ValueError("routing='topk' looks at future tokens, so it cannot generate: use 'predictor' "
+                         "(or 'router' after training with router_aux_loss > 0)")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0, a finite number (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be >= 1, an integer (or None for no limit), got {top_k!r}")
+    if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.size(1) == 0:
+        raise ValueError("generate needs a (B, T) prompt with T >= 1: start from a newline or end-of-text token")
+    # the prompt, once: generate's steps skip the check that reads the ids (it would be a sync per step)
+    prompt = idx[:, -model.config.block_size:] if isinstance(idx, torch.Tensor) and idx.dim() == 2 else idx
+    check_call(model, prompt, None, routing, None)  # its last block_size tokens: generate crops the rest
+    check_token_ids(model.config.vocab_size, idx, None)

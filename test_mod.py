@@ -514,8 +514,20 @@ def test_training_forward_compiles_to_one_graph():
     x, y = torch.randint(0, 50, (2, 32)), torch.randint(0, 50, (2, 32))
     explained = torch._dynamo.explain(model)(x, y, check_input=False)  # the call train.py makes
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-    # the default check reads the token ids: a graph break (and a sync on a GPU), hence check_input=False
-    assert torch._dynamo.explain(model)(x, y).graph_break_count > 0
+
+
+def test_default_forward_compiles_to_one_graph_and_eager_still_checks_the_ids():
+    # check_input=True (the default) reads the token ids in eager mode; under torch.compile it skips that read,
+    # which would be a graph break (and a sync on a GPU), so torch.compile(model)(x, y) is one graph as well
+    torch._dynamo.reset()
+    model = tiny().train()
+    x, y = torch.randint(0, 50, (2, 32)), torch.randint(0, 50, (2, 32))
+    explained = torch._dynamo.explain(model)(x, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):  # eager mode still checks them
+        model(torch.full((2, 32), 50), y)
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 50\)"):
+        model(x, torch.full((2, 32), 50))
 
 
 class HostSyncs(TorchDispatchMode):
