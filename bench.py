@@ -50,10 +50,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sample
 import train
+from data.prepare import dataset_dir, load_dataset, prepare_if_missing
 from mod import MoDBlock, MoDConfig, MoDGPT
+from plumbing import ArgumentParser, ConfigError, check_writable, pick_device, read_metrics, require, run_cli
 
 SHAPES = {  # model shape and training batch size (the GPU batch of shakespeare_char is nanoGPT's)
-    "cpu (nanoGPT laptop)": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_cpu=12, batch_gpu=12),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_cpu=12, batch_gpu=12),
     "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_cpu=8, batch_gpu=64),
 }
 VOCAB = 65
@@ -128,6 +130,13 @@ class TextbookGPT(torch.nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def milliseconds(seconds):
+    """A time for the tables, precise to 0.5% or better, so that ratios computed from the table hold: 612.6 ms, 1.061
+    ms."""
+    ms = 1000 * seconds
+    return f"{ms:.1f} ms" if ms >= 10 else f"{ms:.3f} ms"
+
+
 def measured_flops(model, T, device):
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
@@ -166,8 +175,8 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
             step()
         steps.append(step)
     step_dense, step_mod, step_textbook = median_times(steps, repeats)
-    rows["train step"] = (f"{1000 * step_dense:.1f} ms", f"{1000 * step_mod:.1f} ms", step_dense / step_mod)
-    rows["train step, textbook GPT as dense"] = (f"{1000 * step_textbook:.1f} ms", f"{1000 * step_mod:.1f} ms",
+    rows["train step"] = (milliseconds(step_dense), milliseconds(step_mod), step_dense / step_mod)
+    rows["train step, textbook GPT as dense"] = (milliseconds(step_textbook), milliseconds(step_mod),
                                                  step_textbook / step_mod)
 
     # generation with the KV cache, batch 1 and 8: one token prompt, block_size - 1 new tokens (no re-prefill)
@@ -442,8 +451,9 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
 
 
 def quality(device, log_dir, max_iters, eval_iters):
-    cfg, _ = train.resolve_config({"device": device}, "cuda" if device.startswith("cuda") else device)
-    data_dir, _ = train.prepare_data(cfg, 256, is_master=True, ddp=False)  # data/shakespeare_char, prepared once
+    data_dir = dataset_dir("shakespeare_char")
+    prepare_if_missing("shakespeare_char", data_dir, min_tokens=256)  # prepared once, on first use
+    load_dataset(data_dir, "shakespeare_char", 256)  # checked
     lines = []
     for name, shape in QUALITY_SETTINGS.items():
         print(f"quality: {name} ...", file=sys.stderr)
@@ -468,17 +478,16 @@ def pyplot(headless=False):
     return plt
 
 
-def read_metrics(out_dir):
+def run_history(out_dir):
     """The history that train.py wrote to out_dir/metrics.jsonl: one dict per log line or evaluation."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no {path}: train into that folder first (python train.py --out_dir={out_dir})")
-    return train.read_metrics(path)
+    require(os.path.exists(path), f"no {path}: train into that folder first (python train.py --out_dir={out_dir})")
+    return read_metrics(path)
 
 
 def plot_loss_curves(runs, title="validation loss"):
     """Validation loss against iterations and against training time (evaluations excluded), one colour per run.
-    runs: {label: history}, a history being train.main's result["history"] or read_metrics(out_dir). A MoD run
+    runs: {label: history}, a history being train.main's result["history"] or run_history(out_dir). A MoD run
     draws two lines: top-k routing (solid, as in training) and causal predictor routing (dashed, as when sampling).
     Returns the matplotlib figure."""
     plt = pyplot()
@@ -615,7 +624,7 @@ def figures(device, folder=os.path.join(HERE, "figures"), runs_dir=os.path.join(
         run_training(label, runs_dir, device=device, init_from="resume" if resume else "scratch",
                      **{**settings, **layout})
     mod_dir = os.path.join(runs_dir, "mod")
-    fig = plot_loss_curves({"dense": read_metrics(os.path.join(runs_dir, "dense")), "MoD": read_metrics(mod_dir)},
+    fig = plot_loss_curves({"dense": run_history(os.path.join(runs_dir, "dense")), "MoD": run_history(mod_dir)},
                            title="validation loss, shakespeare_char")
     paths = [os.path.join(folder, "loss_curves.png"), os.path.join(folder, "routing_map.png")]
     fig.savefig(paths[0], dpi=100)
@@ -643,52 +652,45 @@ def machine(device):
 
 def check_args(args, device):
     """Every argument, before the benchmark runs (it takes minutes): one ConfigError that says what to do."""
-    def need(ok, message):
-        if not ok:
-            raise train.ConfigError(message)
     for name in ("repeats", "quality_iters", "eval_iters"):
-        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    need(args.dtype == "float32" or device.startswith("cuda"),
-         "--dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
+        require(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    require(args.dtype == "float32" or device.startswith("cuda"),
+            "--dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
     unknown = set(args.shapes.split(",")) - SHAPES.keys()
-    need(not unknown, f"unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
-    need(not os.path.isdir(args.out), f"--out={args.out} is a folder: name a file, e.g. "
-                                      f"--out={os.path.join(args.out, 'bench.md')}")
+    require(not unknown, f"unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
+    require(not os.path.isdir(args.out), f"--out={args.out} is a folder: name a file, e.g. "
+                                         f"--out={os.path.join(args.out, 'bench.md')}")
     folder = os.path.dirname(os.path.abspath(args.out))
-    need(os.path.isdir(folder), f"--out={args.out}: there is no folder {folder}; create it or choose another --out")
+    require(os.path.isdir(folder), f"--out={args.out}: there is no folder {folder}; create it or choose another --out")
     try:
-        train.check_writable(folder)
+        check_writable(folder)
     except OSError as e:
-        raise train.ConfigError(f"--out={args.out}: cannot write to {folder} ({e.strerror}); choose another --out")
+        raise ConfigError(f"--out={args.out}: cannot write to {folder} ({e.strerror}); choose another --out") from None
 
 
 def main(argv):
-    p = train.ArgumentParser(prog="bench.py", description="Dense vs MoD, side by side (see the top of bench.py).")
+    p = ArgumentParser(prog="bench.py", description="Dense vs MoD, side by side (see the top of bench.py).")
     p.add_argument("--device", default="", help="cpu or cuda (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the models for the training step")
     p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (the median is reported)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)} (cpu: "
+                   "nanoGPT's laptop shape, 4 x 128, block 64; shakespeare_char: its GPU shape, 6 x 384, block 256)")
     p.add_argument("--quality", action="store_true", help="also run the quality trainings (~25 minutes on a CPU)")
     p.add_argument("--quality_iters", type=int, default=2000)
     p.add_argument("--eval_iters", type=int, default=200)
     p.add_argument("--out", default="bench.md", help="where to write the markdown (default: bench.md)")
     p.add_argument("--figures", action="store_true", help="only draw the README's pictures into figures/ (minutes)")
-    try:
+
+    def bench():
         args = p.parse_args(argv)
-        device = train.pick_device(args.device)
+        device = pick_device(args.device)
         check_args(args, device)
         if args.figures:  # the pictures alone: no speed measurement, no markdown
             figures(device)
         else:
             run(args, argv, device)
-    except (train.ConfigError, train.DataError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
-        raise SystemExit(f"error: {train.describe_os_error(e)}: check the path and its permissions") from None
-    except KeyboardInterrupt:
-        print("stopped: nothing written to --out", file=sys.stderr)
-        sys.exit(130)
+    run_cli(bench, on_interrupt="stopped: nothing written to --out")
 
 
 def run(args, argv, device):

@@ -24,32 +24,23 @@ import time
 
 import torch
 
-from data.prepare import DataError, Tokenizer
+from data.prepare import Tokenizer
 from mod import MoDBlock, MoDConfig, MoDGPT
-from train import ArgumentParser, ConfigError, describe_os_error, first_reason, load_checkpoint, pick_device
+from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError, first_reason, load_checkpoint,
+                      pick_device, require, run_cli)
 
 
 def load_model(out_dir, device, checkpoint="best"):
     """The model and tokenizer that train.py saved in out_dir: best.pt (the lowest validation loss; ckpt.pt while
     there is none yet) or, with checkpoint="latest", ckpt.pt (where training stopped)."""
-    if checkpoint not in ("best", "latest"):
-        raise ConfigError(f"--checkpoint must be best or latest, got {checkpoint!r}")
-    best, latest = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "ckpt.pt")
-    path = best if checkpoint == "best" else latest
-    if checkpoint == "best" and not os.path.exists(best) and os.path.exists(latest):
-        print(f"note: no best.pt in {out_dir} yet (training writes it at its first evaluation): sampling from "
-              f"ckpt.pt, where training stopped")
-        path = latest
-    if not os.path.isfile(path):
-        raise ConfigError(f"no checkpoint at {path}: train one with python train.py (it writes out/best.pt and "
-                          f"out/ckpt.pt), or point --out_dir at the folder that holds it")
+    path = Checkpoints.to_sample(out_dir, checkpoint)
     ckpt = load_checkpoint(path, need=("model", "model_config", "meta"))  # NaN weights are refused here too
     try:
         model = MoDGPT(MoDConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # a config of another version, or weights of another shape
-        raise ConfigError(f"{path} holds a model this mod.py cannot build ({first_reason(e)}): "
-                          f"train it again with this version") from None
+        raise CheckpointError(f"{path} holds a model this mod.py cannot build ({first_reason(e)}): "
+                              f"train it again with this version") from None
     return model.to(device).eval(), Tokenizer(ckpt["meta"])
 
 
@@ -145,12 +136,10 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
          device="", routing="predictor", show_routing=False, color="auto", checkpoint="best"):
     """Generate num_samples samples as one batch; print them, the routing if asked, and a report. Returns the report
     as a dict (samples, tokens_per_s, kv_bytes, dense_kv_bytes, per-block routing and agreement)."""
-    if routing not in ("predictor", "router"):
-        raise ConfigError(f"--routing must be predictor or router (top-k would need the future), got {routing!r}")
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ConfigError("--num_samples and --max_new_tokens must be >= 1")
-    if color not in ("auto", "always", "never"):
-        raise ConfigError(f"--color must be auto, always or never, got {color!r}")
+    require(routing in ("predictor", "router"),
+            f"--routing must be predictor or router (top-k would need the future), got {routing!r}")
+    require(num_samples >= 1 and max_new_tokens >= 1, "--num_samples and --max_new_tokens must be >= 1")
+    require(color in ("auto", "always", "never"), f"--color must be auto, always or never, got {color!r}")
     device = pick_device(device)
     torch.manual_seed(seed)
     model, tokenizer = load_model(out_dir, device, checkpoint)
@@ -229,17 +218,7 @@ def cli(argv):
     p.add_argument("--show_routing", action="store_true", help="show which tokens each routed block processed")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"],
                    help="shade tokens in colour (auto: when printing to a terminal)")
-    try:
-        args = p.parse_args(argv)
-        main(args.out_dir, args.start, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-             args.seed, args.device, args.routing, args.show_routing, args.color, args.checkpoint)
-    except (ConfigError, DataError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
-        raise SystemExit(f"error: {describe_os_error(e)}: check the path and its permissions") from None
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-        sys.exit(130)
+    run_cli(lambda: main(**vars(p.parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import data.prepare as dp
+import plumbing
 import train
 from data.prepare import DATASETS, URL, DataError, Tokenizer, load_meta, prepare, read_text
+from dataclasses import fields
+
 from mod import MoDConfig
 from test_mod import capture_routing, routed_blocks, tiny
 
@@ -349,13 +352,13 @@ def test_ctrl_c_saves_between_iterations_and_resume_is_exact(char_data, tmp_path
 
 
 def test_bad_checkpoints_get_a_clear_error(char_data, tmp_path):
-    with pytest.raises(train.ConfigError, match="no checkpoint at .*train one first"):
+    with pytest.raises(plumbing.ConfigError, match="no checkpoint at .*train one first"):
         train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.ConfigError, match="not a readable checkpoint"):
+    with pytest.raises(plumbing.CheckpointError, match="not a readable checkpoint"):
         train.main(**tiny_run(char_data, tmp_path, init_from="resume"))
     train.main(**tiny_run(char_data, tmp_path / "c", max_iters=3))
-    with pytest.raises(train.ConfigError, match="trained with n_layer=2, not 3"):
+    with pytest.raises(plumbing.ConfigError, match="trained with n_layer=2, not 3"):
         train.main(**tiny_run(char_data, tmp_path / "c", init_from="resume", n_layer=3))
 
 
@@ -366,26 +369,32 @@ def test_non_finite_loss_stops_without_saving_garbage(char_data, tmp_path):
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+def resolve_config(asked, device_type):
+    """train.py's settings from a device's preset and what was asked."""
+    preset = train.GPU_DEFAULTS if device_type == "cuda" else train.CPU_DEFAULTS
+    return plumbing.resolve_config(asked, preset, train.TrainConfig, MoDConfig)
+
+
 def test_config_overrides_are_typed_and_checked():
-    types = train.field_types()
-    assert train.convert("dropout", "0", types["dropout"]) == 0.0  # nanoGPT asserts on --dropout=0
-    assert train.convert("compile", "False", types["compile"]) is False
-    assert train.convert("max_iters", "200", types["max_iters"]) == 200
+    types = {f.name: f.type for config in (MoDConfig, train.TrainConfig) for f in fields(config)}
+    assert plumbing.convert("dropout", "0", types["dropout"]) == 0.0  # nanoGPT asserts on --dropout=0
+    assert plumbing.convert("compile", "False", types["compile"]) is False
+    assert plumbing.convert("max_iters", "200", types["max_iters"]) == 200
     assert train.parse_args(["--max_iters=200", "--dataset=shakespeare"]) == {"max_iters": "200",
                                                                               "dataset": "shakespeare"}
-    cfg, model = train.resolve_config({"max_iters": "7", "capacity": "0.25"}, "cpu")
+    cfg, model = resolve_config({"max_iters": "7", "capacity": "0.25"}, "cpu")
     assert cfg.max_iters == 7 and model["capacity"] == 0.25 and model["n_layer"] == 4  # the CPU preset
-    cfg, model = train.resolve_config({}, "cuda")
+    cfg, model = resolve_config({}, "cuda")
     assert model["n_layer"] == 6 and cfg.batch_size == 64  # nanoGPT's shakespeare_char on a GPU
-    with pytest.raises(train.ConfigError, match=r"unknown setting --max_iter \(did you mean --max_iters\?\)"):
-        train.resolve_config({"max_iter": "3"}, "cpu")
-    with pytest.raises(train.ConfigError, match="--max_iters expects int, got 'ten'"):
-        train.resolve_config({"max_iters": "ten"}, "cpu")
-    with pytest.raises(train.ConfigError, match="--compile expects bool"):
-        train.resolve_config({"compile": "maybe"}, "cpu")
-    with pytest.raises(train.ConfigError, match="write settings as --key=value"):
+    with pytest.raises(plumbing.ConfigError, match=r"unknown setting --max_iter \(did you mean --max_iters\?\)"):
+        resolve_config({"max_iter": "3"}, "cpu")
+    with pytest.raises(plumbing.ConfigError, match="--max_iters expects int, got 'ten'"):
+        resolve_config({"max_iters": "ten"}, "cpu")
+    with pytest.raises(plumbing.ConfigError, match="--compile expects bool"):
+        resolve_config({"compile": "maybe"}, "cpu")
+    with pytest.raises(plumbing.ConfigError, match="write settings as --key=value"):
         train.parse_args(["max_iters=3"])
-    with pytest.raises(train.ConfigError, match="--device=gpu is not a device: use cpu, cuda"):
+    with pytest.raises(plumbing.ConfigError, match="--device=gpu is not a device: use cpu, cuda"):
         train.pick_device("gpu")
     with pytest.raises(ValueError, match="capacity must be in"):
         train.main(device="cpu", capacity=0.0, data_dir="no/such/dir")
@@ -549,7 +558,7 @@ def test_agreement_report_counts_precision_and_recall(char_checkpoint):
 
 
 def test_sample_bad_input_gets_clear_messages(char_checkpoint, tmp_path, capsys):
-    with pytest.raises(train.ConfigError, match="no checkpoint at .*train one with python train.py"):
+    with pytest.raises(plumbing.ConfigError, match="no checkpoint at .*train one with python train.py"):
         sample.main(out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="characters not in the vocabulary: '%', '€'"):
         sample.main(out_dir=char_checkpoint, start="%€", device="cpu")
@@ -620,7 +629,7 @@ def test_bench_figures_draws_two_small_pictures_and_reuses_its_runs(char_data, t
     bench.figures("cpu", folder=str(tmp_path / "figures"), runs_dir=str(tmp_path / "runs"), **settings)
     err = capsys.readouterr().err
     assert err.count("figures: training") == 2 and err.count("figures: resuming") == 2  # the second call reuses
-    history = bench.read_metrics(str(tmp_path / "runs" / "mod"))
+    history = bench.run_history(str(tmp_path / "runs" / "mod"))
     assert [r["iter"] for r in history if r["kind"] == "eval"] == [0, 3, 6]  # resumed, not trained again
 
 
@@ -749,7 +758,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 from collections import namedtuple  # noqa: E402
 
-PROJECT_MODULES = ("train", "mod", "sample", "bench", "data", "data.prepare")
+PROJECT_MODULES = ("train", "mod", "sample", "bench", "plumbing", "data", "data.prepare")
 
 
 def snapshot(folders):
@@ -855,8 +864,8 @@ def repo_copy(*data_files):
     """A setup: {dir}/repo is a copy of the project's code (so its default data folder, repo/data/shakespeare_char,
     is the case's own), holding the given files of the good dataset there."""
     def setup(case_dir, assets):
-        for name in ("train.py", "mod.py", "sample.py", "bench.py", "data/__init__.py", "data/prepare.py",
-                     "data/shakespeare_char/prepare.py", "data/shakespeare/prepare.py"):
+        for name in ("train.py", "mod.py", "sample.py", "bench.py", "plumbing.py", "data/__init__.py",
+                     "data/prepare.py", "data/shakespeare_char/prepare.py", "data/shakespeare/prepare.py"):
             (case_dir / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, case_dir / "repo" / name)
         for name in data_files:
@@ -1029,7 +1038,7 @@ def read_only_folder(root):
     folder.chmod(0o555)
     for candidate in (folder, Path("/sys")):
         try:
-            train.check_writable(candidate)
+            plumbing.check_writable(candidate)
         except OSError:
             return candidate
     return None
@@ -1208,7 +1217,7 @@ def test_best_pt_keeps_the_best_model_and_sample_loads_it(char_data, tmp_path, m
 
 def test_overwrite_lets_a_scratch_run_start_over(char_data, tmp_path, capsys):
     train.main(**tiny_run(char_data, tmp_path, max_iters=3))
-    with pytest.raises(train.ConfigError, match="--init_from=resume, train into another --out_dir, or start over "
+    with pytest.raises(plumbing.ConfigError, match="--init_from=resume, train into another --out_dir, or start over "
                                                 "with --overwrite=True"):
         train.main(**tiny_run(char_data, tmp_path, max_iters=3))
     result = train.main(**tiny_run(char_data, tmp_path, max_iters=1, eval_interval=1, overwrite=True))
@@ -1224,14 +1233,14 @@ def test_two_runs_saving_into_one_out_dir_never_collide(tmp_path, monkeypatch):
     def another_run_saves_meanwhile(obj, f):
         real_save(obj, f)
         if obj == "ours":  # our temporary file is written; before we rename it, another run saves the same path
-            train.save_checkpoint(path, "theirs")
+            plumbing.save_checkpoint(path, "theirs")
     monkeypatch.setattr(torch, "save", another_run_saves_meanwhile)
-    train.save_checkpoint(path, "ours")  # with one shared ckpt.pt.tmp, the other run renamed ours away: a crash
+    plumbing.save_checkpoint(path, "ours")  # with one shared ckpt.pt.tmp, the other run renamed ours away: a crash
     assert torch.load(path, weights_only=True) == "ours" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_the_default_data_folder_is_prepared_only_when_empty(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "HERE", str(tmp_path))  # data/shakespeare_char under tmp_path
+    monkeypatch.setattr(dp, "HERE", str(tmp_path / "data"))  # data/shakespeare_char under tmp_path
     folder = tmp_path / "data" / "shakespeare_char"
     run = tiny_run("", tmp_path / "out", max_iters=0)
     (tmp_path / "ten.txt").write_bytes(TEN_BYTES)
@@ -1259,7 +1268,7 @@ def test_train_help_lists_every_setting_with_type_default_and_meaning():
                   "model (MoDConfig in mod.py)", "Mixture-of-Depths (MoDConfig in mod.py)"):
         assert f"\n{title}:\n" in run.stdout
     for config in (train.TrainConfig, MoDConfig):
-        for field in train.fields(config):
+        for field in fields(config):
             kind = field.type.__name__
             line = re.search(rf"^  --{field.name} \[?{kind}\]?\s+(\S.*)$", run.stdout, re.MULTILINE)
             assert line, f"--{field.name} {kind} is not listed"
@@ -1275,9 +1284,9 @@ def test_each_setting_has_its_meaning_written_once():
     # --help's meanings are the comments beside the fields, read from the source: each field exactly once, in the
     # dataclass's order, so a new field without a comment fails here
     for config in (train.TrainConfig, MoDConfig):
-        groups = train.setting_groups(config)
+        groups = plumbing.setting_groups(config)
         listed = [name for _, entries in groups for name, _ in entries]
-        assert listed == [field.name for field in train.fields(config)]
+        assert listed == [field.name for field in fields(config)]
         assert all(len(meaning) > 10 for _, entries in groups for _, meaning in entries)
 
 
@@ -1296,7 +1305,7 @@ def test_flags_as_key_value_or_key_space_value():
                                                                                  "dataset": "shakespeare"}
     assert train.parse_args(["--compile", "--eval_only=False"]) == {"compile": "True", "eval_only": "False"}
     assert train.parse_args([]) == {}  # nothing asked: the device's preset decides
-    with pytest.raises(train.ConfigError, match="--max_iters is given 2 times"):
+    with pytest.raises(plumbing.ConfigError, match="--max_iters is given 2 times"):
         train.parse_args(["--max_iters=1", "--max_iters", "2"])
 
 

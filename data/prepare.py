@@ -15,43 +15,30 @@ Run one of:
   python data/shakespeare/prepare.py      [--input PATH] [--out_dir DIR]
 """
 
-import argparse
-import difflib
 import json
 import os
 import shutil
-import sys
 import urllib.request
 from http.client import HTTPException
 
 import numpy as np
 
+from plumbing import ArgumentParser, ConfigError, DataError, run_cli, write_atomically
+
 DATASETS = ("shakespeare_char", "shakespeare")
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # data/, which holds a folder per dataset
 CACHE_PATH = os.path.join(HERE, "tinyshakespeare.txt")  # the downloaded copy (module-level so tests can move it)
 ENCODING = "r50k_base"  # tiktoken's name for GPT-2's BPE
 
 
-class DataError(RuntimeError):
-    """Bad or missing input data; the message is one sentence saying what to do."""
+def dataset_dir(dataset):
+    """A dataset's default folder, data/<dataset>."""
+    return os.path.join(HERE, dataset)
 
 
 # -----------------------------------------------------------------------------
-# files
-
-
-def _write_atomic(path, write):
-    """Call write(f) on a temporary file next to path, then rename it into place.
-    The rename is atomic, so path is either the complete new file or untouched: never half-written."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # write or rename failed (or Ctrl-C): leave nothing behind
-            os.remove(tmp)
+# the text
 
 
 def _offline_error(reason):
@@ -63,16 +50,16 @@ def _download(path):
     """Download URL into path, all or nothing."""
     print(f"downloading {URL} to {path}")
 
-    def fetch(f):
-        with urllib.request.urlopen(URL, timeout=30) as response:
+    def fetch(tmp):
+        with urllib.request.urlopen(URL, timeout=30) as response, open(tmp, "wb") as f:
             expected = response.headers.get("Content-Length")
             shutil.copyfileobj(response, f)
-        size = f.tell()
+            size = f.tell()
         if size == 0 or (expected is not None and size != int(expected)):  # a connection that closed early
             raise _offline_error(f"got {size:,} bytes, expected {expected or 'more than 0'}")
 
     try:
-        _write_atomic(path, fetch)
+        write_atomically({path: fetch})
     except (OSError, HTTPException) as e:  # no network, timeout (URLError and TimeoutError are OSErrors), cut off
         raise _offline_error(getattr(e, "reason", None) or e) from e
 
@@ -111,7 +98,7 @@ def prepare_command(data_dir, dataset=None):
     """The command that prepares data_dir (again), for error messages."""
     dataset = dataset or os.path.basename(os.path.normpath(data_dir))
     script = f"python data/{dataset if dataset in DATASETS else '<dataset>'}/prepare.py"
-    if dataset in DATASETS and os.path.abspath(data_dir) == os.path.join(HERE, dataset):
+    if dataset in DATASETS and os.path.abspath(data_dir) == dataset_dir(dataset):
         return script  # its default folder
     return f"{script} --out_dir={data_dir}"
 
@@ -243,7 +230,7 @@ def prepare(dataset, input_path=None, out_dir=None, min_tokens=1):
     anything is written, so a bad text never replaces good files. Returns the meta dict."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    out_dir = out_dir or os.path.join(HERE, dataset)
+    out_dir = out_dir or dataset_dir(dataset)
     path = text_path(input_path)
     text = read_text(path)
     meta = _make_meta(dataset, text)
@@ -272,64 +259,70 @@ def prepare(dataset, input_path=None, out_dir=None, min_tokens=1):
 
 
 def _write_dataset(out_dir, train_ids, val_ids, meta):
-    """Write train.bin, val.bin and meta.json into out_dir, all or nothing as far as a filesystem allows: each file
-    goes to a temporary name first (a full disk fails here and changes nothing), then each is renamed into place,
-    meta.json last and its old copy removed first. So a folder with a meta.json holds a complete dataset; train.py
-    calls anything else partial and says how to prepare it again."""
+    """Write train.bin, val.bin and meta.json into out_dir, all or nothing as far as a filesystem allows
+    (plumbing.write_atomically): a full disk fails before anything is replaced, and meta.json is renamed into place
+    last, its old copy removed first. So a folder with a meta.json holds a complete dataset; train.py calls anything
+    else partial and says how to prepare it again."""
     files = {"train.bin": train_ids.tobytes(), "val.bin": val_ids.tobytes(),
              "meta.json": json.dumps(meta, indent=1).encode()}
-    temporary = {name: f"{os.path.join(out_dir, name)}.{os.getpid()}.tmp" for name in files}
+
+    def writer(data):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        return write
     try:
         os.makedirs(out_dir, exist_ok=True)
-        for name, data in files.items():
-            with open(temporary[name], "wb") as f:
-                f.write(data)
-        if os.path.exists(os.path.join(out_dir, "meta.json")):
-            os.remove(os.path.join(out_dir, "meta.json"))
-        for name in ("train.bin", "val.bin", "meta.json"):
-            os.replace(temporary[name], os.path.join(out_dir, name))
+        write_atomically({os.path.join(out_dir, name): writer(data) for name, data in files.items()})
     except OSError as e:
         raise DataError(f"cannot write to {out_dir} ({e.strerror}): pass --out_dir DIR to a writable folder") from e
-    finally:
-        for tmp in temporary.values():  # a write or rename failed (or Ctrl-C): leave nothing behind
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for every command line of the project (train.py's subclass of it serves sample.py and bench.py too),
-    with four changes: a bad flag is one line (an `error_class` exception, which the scripts print as "error: ...")
-    instead of the usage and exit status 2; a flag given twice is refused instead of the last one silently winning;
-    a flag is never abbreviated (--max_iter is not taken for --max_iters); and an unknown one gets a "did you mean".
-    `listing` ends the unknown-flag message: where the flags are listed. It lives here because this module needs no
-    torch, so preparing data never imports it."""
+# -----------------------------------------------------------------------------
+# what train.py uses: the dataset, prepared on first use and checked once
 
-    error_class = DataError
 
-    def __init__(self, listing="", **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-        self.listing = listing or f"python {self.prog} --help lists them"
+def prepare_if_missing(dataset, data_dir, min_tokens, asked_for=False):
+    """Prepare data_dir when it holds none of train.bin, val.bin and meta.json: the default folder data/<dataset>
+    on first use. A folder that holds only some of them is an error (never prepared over: they may come from the
+    user's own text), and so is an empty folder the user named (asked_for: --data_dir)."""
+    names = ("train.bin", "val.bin", "meta.json")
+    present = [name for name in names if os.path.exists(os.path.join(data_dir, name))]
+    run = prepare_command(data_dir, dataset)
+    if not present and asked_for:
+        raise ConfigError(f"--data_dir={data_dir} holds no train.bin/val.bin/meta.json: prepare it with {run} "
+                          f"(add --input=PATH for your own text)")
+    if not present:
+        print(f"preparing {dataset} in {data_dir} ...")
+        prepare(dataset, out_dir=data_dir, min_tokens=min_tokens)  # checks the text before writing
+    elif len(present) < len(names):
+        missing = [name for name in names if name not in present]
+        raise DataError(f"{data_dir} holds {' and '.join(present)} but no {' or '.join(missing)}: a partial "
+                        f"dataset, which train.py will not prepare over; prepare it again with {run} (it "
+                        f"rewrites all three files; --input=PATH for your own text)")
 
-    def parse_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        names = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
-        for name in names:
-            if names.count(name) > 1:
-                raise self.error_class(f"{name} is given {names.count(name)} times: give it once")
-        namespace, unknown = self.parse_known_args(args, namespace)
-        if unknown and not unknown[0].startswith("--"):
-            raise self.error_class(f"cannot read argument {unknown[0]!r}: write settings as --key=value; "
-                                   f"{self.listing}")
-        if unknown:
-            key = unknown[0][2:].split("=", 1)[0]
-            known = [option[2:] for action in self._actions for option in action.option_strings]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise self.error_class(f"unknown setting --{key}{hint}; {self.listing}")
-        return namespace
 
-    def error(self, message):  # argparse calls this for a bad value or a missing one
-        raise self.error_class(f"{message} (python {self.prog} --help lists the settings)")
+def load_dataset(data_dir, dataset, block_size):
+    """The meta dict of a prepared dataset, with its token files checked (check_token_files)."""
+    meta = load_meta(data_dir, dataset)
+    check_token_files(data_dir, meta, block_size)
+    return meta
+
+
+def check_same_vocabulary(trained_meta, meta, data_dir, trained_on):
+    """A resumed model trains on the vocabulary it was trained with: the same size is not enough (65 other
+    characters are another vocabulary)."""
+    if trained_meta["vocab_size"] != meta["vocab_size"]:
+        raise ConfigError(f"the checkpoint's vocabulary has {trained_meta['vocab_size']} tokens but {data_dir} has "
+                          f"{meta['vocab_size']}: resume with the dataset it was trained on")
+    vocabulary = [m.get("chars") if m["tokenizer"] == "char" else m.get("encoding") for m in (trained_meta, meta)]
+    if vocabulary[0] != vocabulary[1]:
+        raise ConfigError(f"the checkpoint's vocabulary is not the one of {data_dir} (both have {meta['vocab_size']} "
+                          f"tokens, but different ones): resume with the data it was trained on ({trained_on})")
+
+
+# -----------------------------------------------------------------------------
+# the command line of data/<dataset>/prepare.py
 
 
 def main(dataset, argv=None):
@@ -339,15 +332,9 @@ def main(dataset, argv=None):
     parser.add_argument("--input", metavar="PATH", help="a local copy of tinyshakespeare (default: $SHAKESPEARE_TXT, "
                         f"else data/tinyshakespeare.txt, downloaded once from {URL})")
     parser.add_argument("--out_dir", metavar="DIR", help=f"where to write (default: data/{dataset}/)")
-    try:
+
+    def run():
         args = parser.parse_args(argv)
         prepare(dataset, args.input, args.out_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)  # one line, no traceback
-        sys.exit(1)
-    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
-        print(f"error: {e.filename or ''}: {e.strerror or e}: check the path and its permissions", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # no half-written file is left behind (see _write_dataset)
-        print("interrupted: run it again to prepare the data", file=sys.stderr)
-        sys.exit(130)
+    # Ctrl-C leaves no half-written file behind (see _write_dataset)
+    run_cli(run, on_interrupt="interrupted: run it again to prepare the data")

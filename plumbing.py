@@ -1,0 +1,692 @@
+"""
+The plumbing of the scripts: what train.py, sample.py, bench.py and data/prepare.py need to be safe and pleasant to
+run, none of which is about Mixture-of-Depths (that is mod.py, with train.py and sample.py). Read in this order:
+
+  errors            ConfigError, DataError, CheckpointError: messages that say what is wrong and what to do
+  command lines     ArgumentParser, config_parser, resolve_config, check_train_config, pick_device, run_cli
+  files             write_atomically, check_writable
+  checkpoints       Checkpoints: ckpt.pt and best.pt, the whole checkpoint policy in one place
+  signals           StopSignals: Ctrl-C and SIGTERM finish the iteration and save
+  metrics           Metrics (metrics.jsonl), read_metrics, peak_flops
+
+torch is imported only inside the functions that need it, so that preparing data never imports it.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+
+# -----------------------------------------------------------------------------
+# errors: each message says what is wrong and what to do; a command line prints it as one line
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says how."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad setting (a flag, a keyword of main(), a value in a checkpoint's config)."""
+
+
+class DataError(UserError):
+    """Missing or bad data: the text, train.bin/val.bin or meta.json."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, is damaged, does not fit the model, or cannot be written."""
+
+
+def is_int(value):
+    """An int that is not a bool (True is an int to Python, never to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(ok, message, error=ConfigError):
+    if not ok:
+        raise error(message)
+
+
+def first_reason(error):
+    """The line of an exception's message that says what went wrong (load_state_dict's first line only says that
+    something did)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+
+
+# -----------------------------------------------------------------------------
+# command lines
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every command line of the project, with four changes: a bad flag is one line (a ConfigError,
+    which run_cli prints as "error: ...") instead of the usage and exit status 2; a flag given twice is refused
+    instead of the last one silently winning; a flag is never abbreviated (--max_iter is not taken for --max_iters);
+    and an unknown one gets a "did you mean". `listing` ends the unknown-flag message: where the flags are listed."""
+
+    def __init__(self, listing="", **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+        self.listing = listing or f"python {self.prog} --help lists them"
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        names = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"{name} is given {names.count(name)} times: give it once")
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown and not unknown[0].startswith("--"):
+            raise ConfigError(f"cannot read argument {unknown[0]!r}: write settings as --key=value; {self.listing}")
+        if unknown:
+            key = unknown[0][2:].split("=", 1)[0]
+            known = [option[2:] for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting --{key}{hint}; {self.listing}")
+        return namespace
+
+    def error(self, message):  # argparse calls this for a bad value or a missing one
+        raise ConfigError(f"{message} (python {self.prog} --help lists the settings)")
+
+
+def setting_groups(config_class):
+    """[(title, [(field, meaning), ...]), ...] from a dataclass's source: the comment beside a field is its meaning,
+    written once, and a comment on a line of its own ("# I/O") starts a group. tokenize finds the comments, so
+    spacing and a '#' inside a string do not matter."""
+    import inspect
+    import io
+    import tokenize
+    source = inspect.getsource(config_class)
+    lines = source.splitlines()
+    names = {f.name for f in fields(config_class)}
+    groups = [("", [])]
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        code = lines[token.start[0] - 1][:token.start[1]]
+        text = token.string.lstrip("#").strip(" -")
+        field = re.match(r"\s*(\w+)\s*:", code)
+        if not code.strip():
+            groups.append((text, []))
+        elif field and field.group(1) in names:
+            groups[-1][1].append((field.group(1), text))
+    return [(title, entries) for title, entries in groups if entries]
+
+
+def defined_in(config_class):
+    """ "TrainConfig in train.py": a class and the file that defines it."""
+    import inspect
+    return f"{config_class.__name__} in {os.path.basename(inspect.getsourcefile(config_class))}"
+
+
+def config_parser(prog, description, epilog, configs, presets, notes):
+    """A parser with a flag per field of each dataclass in configs [(class, where it lives), ...], grouped and
+    explained as in their source (setting_groups). presets {"on a GPU": {field: default}, ...} are shown as the
+    defaults where they differ from the dataclass's; notes {field: (meaning, default)} replace what the source says."""
+    listing = " and ".join(defined_in(config) for config, _ in configs)
+    parser = ArgumentParser(prog=prog, usage=f"python {prog} [--key=value ...]", description=description,
+                            epilog=epilog, listing=f"the settings are the fields of {listing}")
+    for config, where in configs:
+        field_of = {f.name: f for f in fields(config)}
+        for title, entries in setting_groups(config):
+            group = parser.add_argument_group(f"{title or 'model'} ({where})")
+            for name, meaning in entries:
+                kind, default = field_of[name].type, field_of[name].default
+                shown = {where: '""' if value == "" else str(value)
+                         for where, value in ((w, p.get(name, default)) for w, p in presets.items())}
+                default = (next(iter(shown.values())) if len(set(shown.values())) == 1
+                           else ", ".join(f"{value} {where}" for where, value in shown.items()))
+                meaning, default = notes.get(name, (meaning, default))
+                bool_alone = dict(nargs="?", const="True") if kind is bool else {}  # --compile is --compile=True
+                group.add_argument(f"--{name}", metavar=kind.__name__, default=argparse.SUPPRESS, **bool_alone,
+                                   help=f"{meaning} (default: {default})".replace("%", "%%"))
+    return parser
+
+
+def convert(key, value, kind):
+    """One setting converted to its field's type: strings (from a command line) are parsed, other values checked."""
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if is_int(value):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)  # --dropout=0 is fine
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None and not math.isfinite(number):  # float("inf") and float("nan") parse
+            raise ConfigError(f"--{key} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}")
+
+
+def resolve_config(asked, preset, train_class, model_class, saved=None):
+    """(train_class object, dict of model_class fields) from the layers of settings: the dataclasses' defaults <-
+    preset (the device's) <- saved (a checkpoint's, when resuming) <- asked (the user's). Every value is converted
+    to its field's type, with one clear error for anything wrong. A resumed model keeps the shape it was trained
+    with: asking for another is an error, except dropout. vocab_size comes from the data, never from the user."""
+    types = {f.name: f.type for config in (model_class, train_class) for f in fields(config)}
+    for key in asked:
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting --{key}{hint}; the settings are the fields of "
+                              f"{defined_in(train_class)} and {defined_in(model_class)}")
+    asked = {k: convert(k, v, types[k]) for k, v in asked.items()}
+    if saved is None and "vocab_size" in asked:
+        raise ConfigError(f"--vocab_size={asked['vocab_size']} cannot be set: the vocabulary comes from the data "
+                          f"(its meta.json), so drop --vocab_size")
+    settings = dict(preset)
+    if saved is not None:
+        settings.update(saved)
+        for k in sorted(({f.name for f in fields(model_class)} - {"dropout"}) & asked.keys()):
+            if asked[k] != saved.get(k):
+                raise ConfigError(f"the checkpoint was trained with {k}={saved.get(k)!r}, not {asked[k]!r}: "
+                                  f"drop --{k} to resume, or train from scratch into another --out_dir")
+    settings.update(asked)
+    train_cfg = train_class(**{f.name: settings[f.name] for f in fields(train_class) if f.name in settings})
+    return train_cfg, {f.name: settings[f.name] for f in fields(model_class) if f.name in settings}
+
+
+def merge_settings(configs, overrides, train_class, model_class):
+    """train.main()'s arguments as one dict: whole config objects or dicts first, every field of an object counting
+    (but a model config's vocab_size, which the data decides), then keywords, which win."""
+    settings = {}
+    for config in configs:
+        if isinstance(config, dict):
+            settings.update(config)
+        elif isinstance(config, (train_class, model_class)):
+            settings.update({f.name: getattr(config, f.name) for f in fields(config) if f.name != "vocab_size"})
+        else:
+            raise ConfigError(f"main() takes {train_class.__name__} or {model_class.__name__} objects or dicts, and "
+                              f"keywords; got a {type(config).__name__}")
+    return {**settings, **overrides}
+
+
+def check_train_config(cfg):
+    """Every training setting in its range, before any work: one ConfigError that says what to do."""
+    require(cfg.dataset in ("shakespeare_char", "shakespeare"),
+            f"--dataset must be shakespeare_char or shakespeare, got {cfg.dataset!r}")
+    require(cfg.init_from in ("scratch", "resume"), f"--init_from must be scratch or resume, got {cfg.init_from!r}")
+    require(cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        require(getattr(cfg, name) >= 1, f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens"):
+        require(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    require(cfg.learning_rate > 0 and 0 <= cfg.min_lr <= cfg.learning_rate,
+            f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got {cfg.min_lr} and {cfg.learning_rate}")
+    for name in ("beta1", "beta2"):
+        require(0 <= getattr(cfg, name) < 1, f"--{name} must be in [0, 1) (AdamW's moving averages; the usual "
+                                              f"values are 0.9 and 0.99), got {getattr(cfg, name)}")
+    require(cfg.grad_clip >= 0 and cfg.weight_decay >= 0, "--grad_clip and --weight_decay must be >= 0")
+    require(cfg.peak_tflops >= 0, f"--peak_tflops must be >= 0 (0: look it up), got {cfg.peak_tflops}")
+    require(0 <= cfg.seed < 2**63, f"--seed must be in [0, 2**63), got {cfg.seed}")
+
+
+def pick_device(requested):
+    """The device to run on: the one asked for, checked, or the best available (cuda, then mps, then cpu)."""
+    import torch
+    if requested:
+        require(re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested),
+                f"--device={requested} is not a device: use cpu, cuda, cuda:N or mps (or leave it out)")
+        require(not requested.startswith("cuda") or torch.cuda.is_available(),
+                f"--device={requested} but no CUDA GPU is visible: use --device=cpu (or leave it out)")
+        require(requested != "mps" or torch.backends.mps.is_available(),
+                "--device=mps but MPS is not available here: use --device=cpu (or leave it out)")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def describe_os_error(e):
+    """An OSError in a few words, with the path it is about: "out/ckpt.pt: No space left on device"."""
+    return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror or e)
+
+
+def run_cli(main, on_interrupt="stopped"):
+    """Run a command line's main(): whatever it reports (a UserError or a ValueError) ends as one line "error: ..."
+    on stderr and exit status 1, never a traceback; so does an OSError, naming its path. Ctrl-C before the script
+    handles it prints on_interrupt and exits with 130 (128 + SIGINT, the shells' convention). Returns main()'s
+    result."""
+    try:
+        return main()
+    except (UserError, ValueError) as e:
+        message = str(e)
+    except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
+        message = f"{describe_os_error(e)}: check the path, its permissions and the free disk space"
+    except KeyboardInterrupt:
+        print(on_interrupt, file=sys.stderr)
+        sys.exit(130)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def write_atomically(files, describe=None):
+    """Write files {path: write(temporary_path)} all or nothing, as far as a filesystem allows. Each file is written
+    to a temporary name of its own beside its path (process id and random digits: two runs writing the same path
+    never touch each other's temporary file); only when every write succeeded are they renamed into place, in order.
+    os.replace is atomic, so each path holds either its complete new file or its old one, never half a file, even
+    after a crash, a full disk or Ctrl-C. With several files the last one's old copy is removed before the renames,
+    so that the last file marks a complete set (a dataset's meta.json). A failed write raises what describe(path,
+    reason) returns (default: an OSError); no temporary file is left behind."""
+    temporary = {path: f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp" for path in files}
+    try:
+        for path, write in files.items():
+            try:
+                write(temporary[path])
+            except (OSError, RuntimeError) as e:  # a full disk is a RuntimeError from inside torch.save
+                if describe is None:
+                    raise
+                raise describe(path, first_reason(e)) from None
+        last = list(files)[-1]
+        if len(files) > 1 and os.path.exists(last):
+            os.remove(last)
+        for path in files:
+            os.replace(temporary[path], path)
+    finally:
+        for tmp in temporary.values():  # a write or rename failed (or Ctrl-C): leave nothing behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def check_writable(folder):
+    """Create and delete a file in folder, as a save will: an OSError if we cannot. (os.access only guesses from the
+    permission bits, which e.g. root or some network filesystems do not follow.)"""
+    probe = os.path.join(folder, f".write-test.{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+# what train.py needs to resume; sample.py needs only the model, its config and the meta
+RESUME_KEYS = ("model", "optimizer", "scaler", "model_config", "train_config", "meta", "iter_num", "best_val_loss",
+               "rng_state")
+
+
+def load_checkpoint(path, need=RESUME_KEYS):
+    """A checkpoint written by train.py, checked: one CheckpointError naming the file and what to do if it cannot
+    be read, lacks something we need, or holds NaN/inf weights. torch.load(weights_only=True) reads tensors and
+    plain data only: it never runs code stored in the file (a pickle can otherwise run anything)."""
+    import torch
+
+    from data.prepare import meta_problem
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror}): check the path and its permissions") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be corrupt or from "
+                              f"another program; delete it or train into another --out_dir") from None
+    missing = [key for key in need if key not in ckpt] if isinstance(ckpt, dict) else list(need)
+    require(not missing, f"{path} is not a checkpoint of this train.py (missing {missing}): train into another "
+                         f"--out_dir", CheckpointError)
+    damaged = [key for key in ("model", "model_config", "train_config", "meta", "rng_state")
+               if key in need and not isinstance(ckpt[key], dict)]
+    require(not damaged, f"{path} is damaged ({damaged and damaged[0]} is no dict): train into another --out_dir",
+            CheckpointError)
+    problem = meta_problem(ckpt["meta"]) if "meta" in need else None
+    require(not problem, f"the meta of {path} {problem}: the file is damaged; train into another --out_dir",
+            CheckpointError)
+    for name, tensor in ckpt["model"].items():
+        require(not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or torch.isfinite(tensor).all(),
+                f"{path} holds non-finite weights (NaN or inf, in {name}): it cannot be used; use the other "
+                f"checkpoint in its folder (ckpt.pt or best.pt) or train again", CheckpointError)
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """torch.save(state) to path, atomically (write_atomically): the previous file survives any failure."""
+    import torch
+
+    def failed(path, reason):
+        return CheckpointError(f"cannot write {path} ({reason}): free some disk space or choose another --out_dir; "
+                               f"the previous {os.path.basename(path)} is untouched")
+    write_atomically({path: lambda tmp: torch.save(state, tmp)}, failed)
+
+
+def weights_are_finite(state_dict):
+    """No NaN or inf in any weight or buffer. Reads every tensor (a sync on a GPU): only before a save."""
+    return all(t.isfinite().all() for t in state_dict.values() if t.is_floating_point())
+
+
+class Checkpoints:
+    """The checkpoint policy of a training run, all of it. In out_dir:
+
+      ckpt.pt   the latest state, written at every evaluation and when a run is stopped: what --init_from=resume
+                continues, exactly (weights, optimizer, scaler, random state, iteration; state() and restore())
+      best.pt   the model with the lowest validation loss so far: what sample.py loads (to_sample())
+
+    - A scratch run refuses an out_dir that holds either (check()), unless asked: overwrite=True removes both when
+      the run starts (start_over()), not half of them later.
+    - Nothing is saved with NaN/inf weights: save() returns no path and every file stays as it was.
+    - best.pt is never replaced by a worse model. ckpt.pt is written first, so if best.pt's write then fails, ckpt.pt's
+      best_val_loss is too low rather than too high, and a resumed run cannot replace best.pt with a worse model.
+    - Every write is atomic (save_checkpoint); train.py holds signals back while it saves (StopSignals).
+    - An evaluation-only run writes nothing."""
+
+    def __init__(self, out_dir):
+        require(out_dir, "--out_dir is empty: name a folder for the checkpoints, e.g. --out_dir=out")
+        require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
+                f"--out_dir={out_dir} is a file, not a folder: choose another --out_dir")
+        self.out_dir = out_dir
+        self.latest = os.path.join(out_dir, "ckpt.pt")
+        self.best = os.path.join(out_dir, "best.pt")
+        self.best_val_loss = float("inf")
+
+    def load_latest(self):
+        """ckpt.pt, checked (load_checkpoint), to resume from; it also sets the best validation loss so far."""
+        require(os.path.exists(self.latest), f"--init_from=resume but there is no checkpoint at {self.latest}: "
+                                             f"train one first (python train.py --out_dir={self.out_dir})")
+        ckpt = load_checkpoint(self.latest)
+        self.best_val_loss = ckpt["best_val_loss"]
+        return ckpt
+
+    def check(self, init_from, overwrite, eval_only):
+        """Before any work: out_dir must be a folder we can write to, and a scratch run must not replace the
+        checkpoints of an earlier run unless asked to. An evaluation-only run writes nothing: no checks."""
+        if eval_only:
+            return
+        found = [os.path.basename(path) for path in (self.latest, self.best) if os.path.exists(path)]
+        require(init_from == "resume" or not found or overwrite,
+                f"{self.out_dir} already holds {' and '.join(found)} of an earlier run, which a new run would "
+                f"replace: continue it with --init_from=resume, train into another --out_dir, or start over with "
+                f"--overwrite=True")
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            check_writable(self.out_dir)
+        except OSError as e:
+            raise ConfigError(f"cannot write to --out_dir={self.out_dir} ({e.strerror}): choose a folder you can "
+                              f"write to") from None
+
+    def start_over(self):
+        """overwrite=True: the earlier run's checkpoints go now, both of them."""
+        for path in (self.latest, self.best):
+            if os.path.exists(path):
+                os.remove(path)
+                print(f"removed {path} of an earlier run (--overwrite=True)")
+
+    @staticmethod
+    def state(model, optimizer, scaler, model_config, train_config, meta, iter_num, rng):
+        """What ckpt.pt holds (RESUME_KEYS but best_val_loss, which save() adds): the state at the top of iteration
+        iter_num, rng being the random state there, where a resume starts."""
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    model_config=dataclasses.asdict(model_config), train_config=dataclasses.asdict(train_config),
+                    meta=meta, iter_num=iter_num, rng_state=rng)
+
+    def restore(self, ckpt, model, optimizer, scaler, random_state=True):
+        """Load a checkpoint's state into a freshly built model, optimizer and GradScaler, and the random state (when
+        random_state: one process; dropout and the random control then continue exactly). Returns iter_num."""
+        import torch
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["scaler"] and scaler.is_enabled():  # the GradScaler's state; empty when trained in bf16/fp32
+                scaler.load_state_dict(ckpt["scaler"])
+            if random_state:
+                torch.set_rng_state(ckpt["rng_state"]["cpu"])
+                if "cuda" in ckpt["rng_state"] and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.latest} does not fit this model ({first_reason(e)}): train from scratch "
+                                  f"into another --out_dir") from None
+        return ckpt["iter_num"]
+
+    def save(self, state, val_loss=None):
+        """Save the training state (state()) to ckpt.pt, and to best.pt too when val_loss is the best so far;
+        val_loss=None (a stopped run) saves ckpt.pt alone. Returns the paths written: none if a weight is NaN or inf
+        (which reads every weight: a sync on a GPU, so only here)."""
+        if not weights_are_finite(state["model"]):
+            return []
+        paths = [self.latest]
+        if val_loss is not None and val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            paths.append(self.best)
+        state = dict(state, best_val_loss=self.best_val_loss)
+        for path in paths:
+            save_checkpoint(path, state)
+        return paths
+
+    @staticmethod
+    def to_sample(out_dir, which="best"):
+        """The checkpoint sample.py loads: best.pt (ckpt.pt, with a note, before training has written one) or, with
+        which="latest", ckpt.pt."""
+        require(which in ("best", "latest"), f"--checkpoint must be best or latest, got {which!r}")
+        best, latest = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "ckpt.pt")
+        path = best if which == "best" else latest
+        if which == "best" and not os.path.exists(best) and os.path.exists(latest):
+            print(f"note: no best.pt in {out_dir} yet (training writes it at its first evaluation): sampling from "
+                  f"ckpt.pt, where training stopped")
+            path = latest
+        require(os.path.isfile(path), f"no checkpoint at {path}: train one with python train.py (it writes "
+                                      f"out/best.pt and out/ckpt.pt), or point --out_dir at the folder that holds it")
+        return path
+
+
+def random_state(device_type):
+    """torch's random state now (and the GPU's), as a checkpoint stores it."""
+    import torch
+    state = dict(cpu=torch.get_rng_state())
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+@contextmanager
+def stop_on_bad_loss(ckpt_path):
+    """A NaN/inf loss (a FloatingPointError) stops training with one message, before anything is saved."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise SystemExit(f"stopping: {e}. The last good checkpoint (if any) is untouched in {ckpt_path}; "
+                         f"try a lower --learning_rate or --dtype=float32") from None
+
+
+# -----------------------------------------------------------------------------
+# signals
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (sent by `timeout`, job schedulers, a notebook's shutdown) while training.
+
+    The first one only raises a flag: the loop finishes the current iteration, saves ckpt.pt and stops, so the
+    checkpoint never holds half an iteration and a resume continues exactly. A second one stops at once, without
+    saving, except in the middle of a save: a save in progress always finishes first (a half-written file would be
+    thrown away, and with it everything since the last save). Single process only: under DDP every process gets the
+    signal at its own time, so there the usual behaviour stays (enabled=False)."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.received = None  # the first signal's name ("SIGINT" or "SIGTERM"), once one has come
+        self.saving = False
+        self.again = False  # a second signal came during a save
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handler)
+        return self
+
+    def handler(self, signum, frame):  # only sets flags: printing here could collide with the loop's printing
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        elif self.saving:
+            self.again = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def save_in_progress(self):
+        """Signals during the save are held back; a second one then stops at once, after the save."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.again:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+# dense bf16 (float16 for V100 and T4) tensor-core peaks, for MFU; matched as whole words of the GPU's name
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+               "V100": 125.0, "T4": 65.0}
+
+
+def peak_flops(peak_tflops, device):
+    """The device's peak FLOP/s for MFU: peak_tflops if given, else looked up for known GPUs, else None (no MFU)."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    if device.startswith("cuda"):
+        import torch
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if re.search(rf"\b{key}\b", name):  # "NVIDIA A100-SXM4-80GB" is an A100; "NVIDIA A10G" is no A10
+                return tflops * 1e12
+    return None
+
+
+class Clock:
+    """Training time: wall-clock seconds with evaluations and saves left out (paused()), the fair clock for
+    comparing models; and ms per iteration after the first step (warm-up and compilation left out)."""
+
+    def __init__(self):
+        self.start = self.last = time.time()
+        self.paused_s = 0.0
+        self.warm = None  # (time, paused_s) when the first step was done
+
+    @contextmanager
+    def paused(self):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            spent = time.time() - t0
+            self.paused_s += spent
+            self.last += spent  # the next lap times training only
+
+    def step_done(self):
+        if self.warm is None:
+            self.warm = (time.time(), self.paused_s)
+
+    def lap(self, steps):
+        """Seconds per step over the last `steps` steps, since the previous lap."""
+        now = time.time()
+        dt, self.last = (now - self.last) / steps, now
+        return dt
+
+    def times(self):
+        """(training seconds, wall seconds) so far, as Metrics records them."""
+        now = time.time()
+        return now - self.start - self.paused_s, now - self.start
+
+    def ms_per_iter(self, steps):
+        """Training time per step over `steps` steps, the first one left out; 0 with fewer than 2."""
+        if self.warm is None or steps < 2:
+            return 0.0
+        return 1000 * (time.time() - self.warm[0] - (self.paused_s - self.warm[1])) / (steps - 1)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl file (see Metrics), one dict per log line or evaluation. A line cut short by a
+    crash is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+class Metrics:
+    """The run's history for plotting: every log line and every evaluation as one dict (train.main() returns the
+    list), also written as a line of JSON to out_dir/metrics.jsonl. time_s is training time, evaluations and saving
+    excluded (the fair clock for comparing models); wall_s is all of it.
+
+    A run from scratch starts a fresh file. A resumed run keeps the lines up to its checkpoint's iteration (later
+    ones came from iterations it does again), continues both clocks from the last line it kept, and appends. An
+    evaluation of an iteration already recorded (a resume evaluates its first iteration again) replaces the old one.
+    Only the master process writes; the others keep an empty history. write=False keeps the history in memory and
+    never touches the file (an evaluation-only run writes nothing)."""
+
+    def __init__(self, path, resume_iter=None, enabled=True, write=True):
+        self.path, self.enabled, self.write, self.history = path, enabled, write, []
+        if not enabled:
+            return
+        if resume_iter is not None and os.path.exists(path):
+            self.history = [r for r in read_metrics(path) if r.get("iter", math.inf) <= resume_iter]
+        last = self.history[-1] if self.history else {}
+        self.time_offset, self.wall_offset = last.get("time_s", 0.0), last.get("wall_s", 0.0)
+        self.rewrite()
+
+    def rewrite(self):
+        if self.write:
+            write_atomically({self.path: self.write_history})
+
+    def write_history(self, path):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def add(self, kind, it, train_s, wall_s, **values):
+        """One record: kind "train" (a log line) or "eval"; train_s and wall_s are this process's seconds so far."""
+        if not self.enabled:
+            return
+        record = dict(kind=kind, iter=it, time_s=round(self.time_offset + train_s, 3),
+                      wall_s=round(self.wall_offset + wall_s, 3), **values)
+        if kind == "eval":  # the same evaluation again (a resume's first one): the newer one replaces it
+            same = [i for i, r in enumerate(self.history) if r.get("kind") == "eval" and r.get("iter") == it]
+            if same:
+                self.history[same[0]] = record
+                self.rewrite()
+                return
+        self.history.append(record)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
