@@ -261,7 +261,7 @@ class MoDBlock(nn.Module):
     def weight(self, r):
         # Eq. 1 multiplies by raw r; the paper's figures show weights in [0, 1] (sigmoid). We keep raw r, which
         # measured better: the causal-vs-top-k loss gap was 0.02-0.24% with raw r and 0.7-1.5% with sigmoid over
-        # 3 seeds (README). With raw r a routed token can get a negative weight.
+        # 3 seeds (docs/results.md). With raw r a routed token can get a negative weight.
         return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
 
     def causal_route(self, logits):

@@ -729,8 +729,11 @@ def test_tutorial_notebook_runs_top_to_bottom_in_a_kernel(tmp_path, monkeypatch)
     assert all(cell.outputs == [] and cell.execution_count is None for cell in code)  # committed without outputs
     monkeypatch.setenv("MOD_TUTORIAL_SIZE", "tiny")
     monkeypatch.setenv("MOD_TUTORIAL_OUT", str(tmp_path / "runs"))
-    # any cell that raises fails the test (CellExecutionError, with the cell and its traceback)
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+    # any cell that raises fails the test (CellExecutionError, with the cell and its traceback). nbclient waits only
+    # 4 s by default for a cell's output after the cell has finished, then drops it with a warning: on a loaded
+    # machine a printed claim could go missing. Wait up to 2 minutes, and fail loudly if it never comes.
+    nbclient.NotebookClient(notebook, timeout=600, startup_timeout=300, iopub_timeout=120,
+                            raise_on_iopub_timeout=True, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO)}}).execute()
     text = "".join(o.get("text", "") for cell in code for o in cell.outputs if o.output_type == "stream")
     for claim in ("the block processed exactly the top-k tokens: True",

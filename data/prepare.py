@@ -23,7 +23,7 @@ from http.client import HTTPException
 
 import numpy as np
 
-from plumbing import ArgumentParser, ConfigError, DataError, run_cli, write_atomically
+from plumbing import ArgumentParser, ConfigError, DataError, is_int, run_cli, write_atomically
 
 DATASETS = ("shakespeare_char", "shakespeare")
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -108,7 +108,7 @@ def meta_problem(meta):
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "tiktoken"):
         return "is not a meta.json written by data/prepare.py"
     vocab_size = meta.get("vocab_size")
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= 2**16:
+    if not is_int(vocab_size) or not 1 <= vocab_size <= 2**16:
         return f"has no valid vocab_size (an integer from 1 to 65536), got {vocab_size!r}"
     if meta["tokenizer"] == "char" and (not isinstance(meta.get("chars"), str) or len(meta["chars"]) != vocab_size):
         return "lacks its vocabulary (chars: one character per token)"
