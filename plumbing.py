@@ -128,6 +128,15 @@ def defined_in(config_class):
     return f"{config_class.__name__} in {os.path.basename(inspect.getsourcefile(config_class))}"
 
 
+def default_text(name, default, presets):
+    """A setting's default as --help shows it: "64 on a GPU, 12 on a CPU" where the presets differ."""
+    shown = {label: '""' if value == "" else str(value)
+             for label, value in ((label, preset.get(name, default)) for label, preset in presets.items())}
+    if len(set(shown.values())) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{value} {label}" for label, value in shown.items())
+
+
 def config_parser(prog, description, epilog, configs, presets, notes):
     """A parser with a flag per field of each dataclass in configs [(class, where it lives), ...], grouped and
     explained as in their source (setting_groups). presets {"on a GPU": {field: default}, ...} are shown as the
@@ -140,12 +149,8 @@ def config_parser(prog, description, epilog, configs, presets, notes):
         for title, entries in setting_groups(config):
             group = parser.add_argument_group(f"{title or 'model'} ({where})")
             for name, meaning in entries:
-                kind, default = field_of[name].type, field_of[name].default
-                shown = {where: '""' if value == "" else str(value)
-                         for where, value in ((w, p.get(name, default)) for w, p in presets.items())}
-                default = (next(iter(shown.values())) if len(set(shown.values())) == 1
-                           else ", ".join(f"{value} {where}" for where, value in shown.items()))
-                meaning, default = notes.get(name, (meaning, default))
+                kind = field_of[name].type
+                meaning, default = notes.get(name, (meaning, default_text(name, field_of[name].default, presets)))
                 bool_alone = dict(nargs="?", const="True") if kind is bool else {}  # --compile is --compile=True
                 group.add_argument(f"--{name}", metavar=kind.__name__, default=argparse.SUPPRESS, **bool_alone,
                                    help=f"{meaning} (default: {default})".replace("%", "%%"))
@@ -301,7 +306,7 @@ def write_atomically(files, describe=None):
     os.replace is atomic, so each path holds either its complete new file or its old one, never half a file, even
     after a crash, a full disk or Ctrl-C. With several files the last one's old copy is removed before the renames,
     so that the last file marks a complete set (a dataset's meta.json). A failed write raises what describe(path,
-    reason) returns (default: an OSError); no temporary file is left behind."""
+    reason) returns (without describe, the error itself); no temporary file is left behind."""
     temporary = {path: f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp" for path in files}
     try:
         for path, write in files.items():

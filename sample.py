@@ -156,6 +156,8 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.time()
+    # token by token, each routed block's predictor decides whether the token goes through it (mod.py: generate,
+    # then MoDBlock.causal_route, the one rule: logit > 0)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, routing=routing)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -6,12 +6,10 @@ Train a Mixture-of-Depths model (or the dense baseline) on Shakespeare, characte
     python train.py --mod_every=0 --out_dir=out-dense   # the dense baseline, same everything else
     python train.py --init_from=resume                  # continue out/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node=2 train.py --gradient_accumulation_steps=2   # DDP, 2 GPUs or processes
+    import train; result = train.main(max_iters=200)    # the same from Python (a notebook cell)
 
-From Python (a notebook cell): import train; result = train.main(max_iters=200)
-
-Read top to bottom: the settings, the device, the data, the model and its optimizer, the learning rate, the
-evaluation, then the training loop; main() and the command line last. What keeps a run safe (the checkpoint policy:
-out/ckpt.pt to resume, out/best.pt to sample; Ctrl-C; the command line; metrics.jsonl) is plumbing.py's.
+Read top to bottom: settings, device, data, model and optimizer, learning rate, evaluation, the training loop, and
+main() last. What keeps a run safe (checkpoints, Ctrl-C, the command line, metrics.jsonl) lives in plumbing.py.
 """
 
 import dataclasses
@@ -350,15 +348,11 @@ def sample_text(model, tokenizer, tokens, autocast):
 
 
 def main(*configs, **overrides):
-    """Train. Settings come as keywords, main(max_iters=200, mod_every=0), which go on top of the device's preset;
-    or as whole TrainConfig / MoDConfig objects or dicts, main(TrainConfig(max_iters=200), MoDConfig(n_layer=4)),
-    whose every field counts (the dataclasses' defaults are nanoGPT's GPU setting) except a MoDConfig's vocab_size,
-    which always comes from the data; keywords win over both. A bad setting raises ConfigError (a ValueError), bad
-    data DataError, a bad checkpoint CheckpointError, a NaN/inf loss SystemExit, each with a message that says what
-    to do. Returns a dict with the last evaluation, the iteration reached, the checkpoint paths, timings and the
-    history (every log line and evaluation as a dict, as written to out_dir/metrics.jsonl). When Ctrl-C or SIGTERM
-    stopped training it returns too, with interrupted=True and signal="SIGINT" or "SIGTERM" (the command line then
-    exits with 130 or 143); a second Ctrl-C raises KeyboardInterrupt."""
+    """Train. Settings are keywords, main(max_iters=200, mod_every=0), on top of the device's preset; or whole
+    TrainConfig / MoDConfig objects or dicts, every field counting but vocab_size (the data's); keywords win.
+    Errors (plumbing: ConfigError, DataError, CheckpointError; SystemExit for a NaN loss) say what to do. Returns
+    the last evaluation, the iteration reached, checkpoint paths, timings and the history (metrics.jsonl's records);
+    stopped by Ctrl-C or SIGTERM it returns too, with interrupted=True and signal="SIGINT" or "SIGTERM"."""
     settings = merge_settings(configs, overrides, TrainConfig, MoDConfig)
     device, ddp, rank, world_size = setup_device(str(settings.get("device", "")))
     try:
