@@ -81,13 +81,11 @@ def calibrate_predictors(model, device, batch=8):
     cfg = model.config
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
     idx = idx.to(device)
-    for block in model.transformer.h:
-        if isinstance(block, MoDBlock):
-            seen = []
-            hook = block.register_forward_hook(lambda m, a, out: seen.append(out[1].predictor_logits))
-            model(idx, routing="predictor")
-            hook.remove()
-            block.predictor.out.bias -= torch.quantile(seen[0].float().flatten(), 1 - cfg.capacity)
+    blocks = [block for block in model.transformer.h if isinstance(block, MoDBlock)]
+    for j, block in enumerate(blocks):
+        model(idx, routing="predictor")
+        logits = model.last_infos[j].predictor_logits
+        block.predictor.out.bias -= torch.quantile(logits.float().flatten(), 1 - cfg.capacity)
 
 
 def median_times(fns, repeats, min_seconds=0.3):
@@ -299,21 +297,14 @@ def routing_accuracy(model, windows, routing="topk", rule="predictor", batch=64)
     model.eval()
     device = model.lm_head.weight.device
     blocks = [b for b in model.transformer.h if isinstance(b, MoDBlock)]
-    infos = []  # the RoutingInfo of each routed block, in order, for the current batch
-    hooks = [b.register_forward_hook(lambda module, args, out: infos.append(out[1])) for b in blocks]
     right, routed, n = torch.zeros(len(blocks)), torch.zeros(len(blocks)), 0
-    try:
-        for w in windows.split(batch):
-            infos.clear()
-            model(w[:, :-1].to(device), routing=routing)
-            for j, info in enumerate(infos):
-                logits = info.predictor_logits if rule == "predictor" else info.router_logits
-                right[j] += ((logits > 0) == info.topk).sum().item()
-                routed[j] += info.processed.sum().item()
-            n += w[:, :-1].numel()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for w in windows.split(batch):
+        model(w[:, :-1].to(device), routing=routing)
+        for j, info in enumerate(model.last_infos):  # one RoutingInfo per routed block
+            logits = info.predictor_logits if rule == "predictor" else info.router_logits
+            right[j] += ((logits > 0) == info.topk).sum().item()
+            routed[j] += info.processed.sum().item()
+        n += w[:, :-1].numel()
     return (right / n).tolist(), (routed / n).tolist()
 
 

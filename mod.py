@@ -196,7 +196,7 @@ class Predictor(nn.Module):
 
 @dataclass
 class RoutingInfo:
-    """What a routed block decided, for the losses, the logs and model.last_routing. All (B, T)."""
+    """What a routed block decided, for the losses, the logs, model.last_routing and model.last_infos. All (B, T)."""
     router_logits: torch.Tensor
     predictor_logits: torch.Tensor
     topk: torch.Tensor  # bool: the top-k choice, target of the predictor's BCE (and the router's); None with a cache
@@ -315,6 +315,7 @@ class MoDGPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.last_routing = []  # per block: None (dense) or (B, T) bool of the tokens it processed
+        self.last_infos = []  # per routed block: the RoutingInfo of the last forward pass
         self.last_stats = {}  # the parts of the last loss, detached, for logging (router_loss: with router_aux_loss)
         self.last_cache_nbytes = []  # per block: bytes of its KV cache at the end of the last generate()
         self.warned_router = False  # routing="router" without router_aux_loss warns once (see check_call)
@@ -353,7 +354,7 @@ class MoDGPT(nn.Module):
         start = 0 if cache is None else cache.pos
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        infos = []  # one RoutingInfo per routed block
+        self.last_infos = infos = []  # one RoutingInfo per routed block
         self.last_routing = []
         for i, block in enumerate(self.transformer.h):
             layer_cache = None if cache is None else cache.layers[i]

@@ -25,7 +25,7 @@ import time
 import torch
 
 from data.prepare import Tokenizer
-from mod import MoDBlock, MoDConfig, MoDGPT
+from mod import MoDConfig, MoDGPT
 from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError, first_reason, load_checkpoint,
                       pick_device, require, run_cli)
 
@@ -110,16 +110,9 @@ def topk_agreement(model, idx, routing):
 
     Runs the model once more over the last block_size tokens with the causal rule, and compares each routed block's
     decisions with the top-k that its router would have picked from the same inputs (the predictor's target)."""
-    infos = []
-    hooks = [b.register_forward_hook(lambda module, args, out: infos.append(out[1]))
-             for b in model.transformer.h if isinstance(b, MoDBlock)]
-    try:
-        model(idx[:, -model.config.block_size:], routing=routing)
-    finally:
-        for h in hooks:
-            h.remove()
+    model(idx[:, -model.config.block_size:], routing=routing)
     stats = []
-    for info in infos:
+    for info in model.last_infos:  # one RoutingInfo per routed block
         causal, topk = info.processed, info.topk
         both = (causal & topk).sum().item()
         stats.append(dict(agreement=(causal == topk).float().mean().item(),

@@ -196,6 +196,8 @@ def test_aux_targets_are_each_rows_own_top_k():
     assert torch.allclose(stats["router_loss"], sum(router_bces) / 2, atol=1e-6)
     assert torch.allclose(loss, stats["lm_loss"] + stats["predictor_loss"] + 0.5 * stats["router_loss"], atol=1e-6)
     assert stats["routed_frac"].tolist() == [0.25, 0.25]
+    # model.last_infos holds what each routed block returned, in order: what sample.py and bench.py read
+    assert len(model.last_infos) == 2 and all(a is b for (_, _, a), b in zip(seen, model.last_infos))
 
 
 # -----------------------------------------------------------------------------

@@ -216,13 +216,13 @@ def format_eval(it, ev):
     return line
 
 
-def log_values(model, cfg, loss, dt, world_size):
-    """The log line's numbers, dt being the seconds per iteration. Reading the loss is a host-device sync, so it
-    happens every log_interval iterations only."""
+def log_values(model, cfg, it, loss, dt, world_size):
+    """The log line's numbers at iteration it, dt being the seconds per iteration. Reading the loss is a host-device
+    sync, so it happens every log_interval iterations only."""
     stats, T = model.last_stats, model.config.block_size
     total = loss.item()
     if not math.isfinite(total):
-        raise FloatingPointError(f"the loss became {total}")
+        raise FloatingPointError(f"the loss became {total} at iteration {it}")
     values = dict(loss=stats["lm_loss"].item(), ms_per_iter=1000 * dt)  # the LM loss, comparable to eval losses
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * T
     text = f"loss {values['loss']:.4f}, time {1000 * dt:.2f} ms, tok/s {tokens_per_iter / dt:,.0f}"
@@ -240,7 +240,7 @@ def log_values(model, cfg, loss, dt, world_size):
 # the training loop
 
 
-def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, meta, iter_num=0, rank=0, world_size=1):
+def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokenizer, iter_num, rank, world_size):
     """Train model (a MoDGPT) from iteration iter_num to cfg.max_iters: every eval_interval iterations evaluate and
     save (ckpt.pt; best.pt when val improves), every iteration one optimisation step, every log_interval a log line.
     Returns what main() returns."""
@@ -256,7 +256,7 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, meta, i
                       iter_num if cfg.init_from == "resume" else None, enabled=is_master, write=not cfg.eval_only)
 
     def state(it, rng):  # what ckpt.pt holds: everything a resume needs, at the top of iteration it
-        return checkpoints.state(raw_model, optimizer, scaler, raw_model.config, cfg, meta, it, rng)
+        return checkpoints.state(raw_model, optimizer, scaler, raw_model.config, cfg, tokenizer.meta, it, rng)
 
     start_iter, last_eval, clock = iter_num, {}, Clock()
     with StopSignals(enabled=world_size == 1) as signals, stop_on_bad_loss(checkpoints.latest):
@@ -318,7 +318,7 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, meta, i
 
             if iter_num % cfg.log_interval == 0 and is_master:
                 dt = clock.lap(cfg.log_interval)
-                text, values = log_values(raw_model, cfg, loss * accum_steps, dt, world_size)
+                text, values = log_values(raw_model, cfg, iter_num, loss * accum_steps, dt, world_size)
                 print(f"iter {iter_num}: {text}")
                 metrics.add("train", iter_num, *clock.times(), lr=lr, **values)
 
@@ -328,7 +328,7 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, meta, i
     if is_master and not signals.received:
         print(f"done in {result['wall_s']:.0f} s, {result['ms_per_iter']:.1f} ms/iter")
     if is_master and not signals.received and cfg.sample_tokens > 0:
-        result["sample"] = sample_text(raw_model, Tokenizer(meta), cfg.sample_tokens, autocast)
+        result["sample"] = sample_text(raw_model, tokenizer, cfg.sample_tokens, autocast)
     return result
 
 
@@ -338,8 +338,7 @@ def sample_text(model, tokenizer, tokens, autocast):
     start = torch.tensor([[tokenizer.newline_or_eot]], device=model.lm_head.weight.device)
     with autocast:
         text = tokenizer.decode(model.generate(start, tokens, temperature=0.8, top_k=200)[0].tolist())
-    print("a sample" + (" (causal predictor routing):" if model.config.routed_blocks() else ":"))
-    print(text)
+    print(f"a sample{' (causal predictor routing)' if model.config.routed_blocks() else ''}:\n{text}")
     return text
 
 
@@ -388,10 +387,11 @@ def setup_and_train(settings, device, rank, world_size):
         checkpoints.check(cfg.init_from, cfg.overwrite, cfg.eval_only)
 
     data_dir, meta = load_data(cfg, model_cfg.block_size, rank == 0, world_size > 1)
+    tokenizer = Tokenizer(meta)  # now, not after training: GPT-2's BPE needs tiktoken's files
     if ckpt is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"])
     else:
-        check_same_vocabulary(ckpt["meta"], meta, data_dir,
+        check_same_vocabulary(model_cfg.vocab_size, ckpt["meta"], meta, data_dir,
                               trained_on=ckpt["train_config"].get("data_dir") or f"data/{ckpt['meta'].get('dataset')}")
 
     torch.manual_seed(cfg.seed + rank)
@@ -420,7 +420,7 @@ def setup_and_train(settings, device, rank, world_size):
     autocast = (nullcontext() if dtype == "float32"
                 else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
     batches = Batches(data_dir, model_cfg.block_size, cfg.batch_size, device, cfg.seed, rank)
-    return train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, meta, iter_num, rank, world_size)
+    return train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokenizer, iter_num, rank, world_size)
 
 
 def parse_args(argv):

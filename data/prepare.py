@@ -309,11 +309,11 @@ def load_dataset(data_dir, dataset, block_size):
     return meta
 
 
-def check_same_vocabulary(trained_meta, meta, data_dir, trained_on):
-    """A resumed model trains on the vocabulary it was trained with: the same size is not enough (65 other
-    characters are another vocabulary)."""
-    if trained_meta["vocab_size"] != meta["vocab_size"]:
-        raise ConfigError(f"the checkpoint's vocabulary has {trained_meta['vocab_size']} tokens but {data_dir} has "
+def check_same_vocabulary(vocab_size, trained_meta, meta, data_dir, trained_on):
+    """A resumed model (of vocab_size tokens, trained on the data of trained_meta) trains on the vocabulary it was
+    trained with: the same size is not enough (65 other characters are another vocabulary)."""
+    if vocab_size != meta["vocab_size"]:
+        raise ConfigError(f"the checkpoint's vocabulary has {vocab_size} tokens but {data_dir} has "
                           f"{meta['vocab_size']}: resume with the dataset it was trained on")
     vocabulary = [m.get("chars") if m["tokenizer"] == "char" else m.get("encoding") for m in (trained_meta, meta)]
     if vocabulary[0] != vocabulary[1]:
