@@ -172,10 +172,11 @@ class Router(nn.Module):
 
     def forward(self, x):  # (B, T, C) -> (B, T) router logits, in fp32
         # Top-k compares scores across the sequence. In bf16 (8 significant bits) close scores round to exact ties
-        # and the chosen tokens would depend on the dtype, so the router computes in fp32 even under autocast (as
-        # mixture-of-experts routers do). It is one C -> 1 projection: the cost is negligible.
+        # and the chosen tokens would depend on the dtype, so the router computes in fp32 (as mixture-of-experts
+        # routers do), from fp32 copies of x and of its weight: under autocast, and in a model cast with .half() or
+        # .to(torch.bfloat16), whose weight is then half. It is one C -> 1 projection: the cost is negligible.
         with torch.autocast(x.device.type, enabled=False):
-            return self.proj(x.float()).squeeze(-1)
+            return F.linear(x.float(), self.proj.weight.float()).squeeze(-1)
 
 
 class Predictor(nn.Module):
@@ -190,8 +191,10 @@ class Predictor(nn.Module):
         self.out = nn.Linear(config.predictor_hidden, 1)
 
     def forward(self, x):  # (B, T, C) -> (B, T) logits in fp32 (as the Router's); > 0 means "route this token"
-        with torch.autocast(x.device.type, enabled=False):
-            return self.out(self.gelu(self.fc(x.detach().float()))).squeeze(-1)  # detach(): the stop-gradient
+        with torch.autocast(x.device.type, enabled=False):  # fp32, from fp32 copies of the weights (see Router)
+            x = x.detach().float()  # detach(): the stop-gradient
+            h = self.gelu(F.linear(x, self.fc.weight.float(), self.fc.bias.float()))  # (B, T, H)
+            return F.linear(h, self.out.weight.float(), self.out.bias.float()).squeeze(-1)  # (B, T)
 
 
 @dataclass
@@ -255,7 +258,8 @@ class MoDBlock(nn.Module):
         w = self.weight(scores.gather(1, order)).unsqueeze(-1)  # (B, k, 1)
         delta = w * f if valid is None else torch.where(valid.unsqueeze(-1), w * f, 0.0)  # padding adds nothing
         # the residual is added exactly once: x + w * f at routed positions, x untouched everywhere else
-        # (under mixed precision f is bf16/fp16 while the residual stream x stays fp32: scatter_add wants one dtype)
+        # (scatter_add wants one dtype: under mixed precision f is bf16/fp16 while the residual stream x stays fp32;
+        # in a model cast with .half() or .to(torch.bfloat16), x and f are half while w, the router's, is fp32)
         return x.scatter_add(1, index, delta.to(x.dtype)), RoutingInfo(r, p, topk, processed)
 
     def weight(self, r):
@@ -531,10 +535,22 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, routing="p
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
-            logits = logits / temperature
-            if top_k is not None:
+            # Sampling, in fp32 (a half model's logits too). logits / temperature overflows for a tiny temperature
+            # (in fp32 below 1e-38, where 1 / temperature is inf; sooner in fp16 or for large logits), and softmax's
+            # inf - inf is NaN. So each row's max is subtracted first: the argmax is 0 and stays 0, every other logit
+            # is < 0 and only grows more negative (to -inf at worst), and softmax is exact. As temperature -> 0 this
+            # samples the argmax, as greedy does; a huge temperature (1e300) samples uniformly.
+            logits = logits.float()
+            logits = logits - logits.max(dim=-1, keepdim=True).values  # (B, V), <= 0, the argmax exactly 0
+            if top_k is not None:  # before the temperature, which keeps the order but may round logits into ties
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))  # (a boolean index would sync)
+            # In fp32 the temperature must stay between the smallest normal number, 1.2e-38, and its reciprocal,
+            # 8.5e37: 5e-324 would round to 0 (0 / 0 is NaN), 1e300 to inf (-inf / inf is NaN). Both bounds lie far
+            # past any real logits' scale: at 1.2e-38 a logit 1e-35 below the max is divided to -850, probability
+            # 0; at 8.5e37 every logit less than 1e29 below the max gets the max's probability.
+            tiny = torch.finfo(torch.float32).tiny
+            logits = logits / min(max(temperature, tiny), 1 / tiny)
             next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
         idx = torch.cat((idx, next_id), dim=1)
         if step == max_new_tokens - 1:

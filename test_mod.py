@@ -305,6 +305,40 @@ def test_generate_long_prompt_is_cropped_and_batch_one_works():
     assert sampled.shape == (1, 50) and torch.equal(sampled[:, :45], prompt)
 
 
+def test_tiny_and_huge_temperatures_sample_without_overflow():
+    model = tiny()
+    prompt = torch.randint(0, 50, (3, 5))
+    greedy = model.generate(prompt, 40, temperature=0)  # past block_size 32: re-prefill too
+    # 1 / temperature overflows fp32 below 1e-38 (and 5e-324 rounds to 0 in fp32): NaN probabilities, unless each
+    # row's max is subtracted first. A temperature -> 0 then samples the argmax, which is greedy decoding.
+    for temperature in (1e-30, 1e-40, 5e-324):
+        torch.manual_seed(1)
+        assert torch.equal(model.generate(prompt, 40, temperature=temperature), greedy), temperature
+        assert torch.equal(model.generate(prompt, 40, temperature=temperature, top_k=5), greedy), temperature
+    # a huge temperature samples (near-)uniformly: valid ids, spread over the vocabulary
+    torch.manual_seed(1)
+    out = model.generate(prompt, 40, temperature=1e300)
+    assert out.shape == (3, 45) and torch.equal(out[:, :5], prompt) and 0 <= out.min() and out.max() < 50
+    assert out[:, 5:].unique().numel() > 25  # 120 uniform draws from 50 ids hit about 45 of them; greedy, few
+    # and top_k still keeps the k highest logits: every logit / 1e300 is 0 in fp32, so top_k comes first
+    step_logits = []
+    hook = model.register_forward_hook(lambda mod, args, out: step_logits.append(out[0][:, -1]))
+    out = model.generate(prompt, 40, temperature=1e300, top_k=3)
+    hook.remove()
+    assert len(step_logits) == 40
+    for step, logits in enumerate(step_logits):
+        top3 = logits.topk(3, dim=-1).indices  # (3, 3)
+        assert (top3 == out[:, 5 + step, None]).any(1).all(), step
+    # a half model's logits are sampled in fp32 too: at 1e-30 (which overflows fp16 at once) each token is a max
+    model = tiny().half()
+    step_logits = []
+    hook = model.register_forward_hook(lambda mod, args, out: step_logits.append(out[0][:, -1]))
+    out = model.generate(prompt, 10, temperature=1e-30)
+    hook.remove()
+    for step, logits in enumerate(step_logits):  # a token whose logit is the row's max (ties allowed)
+        assert torch.equal(logits.gather(1, out[:, 5 + step, None]), logits.max(1, keepdim=True).values), step
+
+
 def test_mixed_precision_training_and_generation():
     model = tiny()
     idx = torch.randint(0, 50, (2, 20))
@@ -336,6 +370,39 @@ def test_fp16_training_step_with_a_grad_scaler_and_generation():
     with torch.autocast("cpu", dtype=torch.float16):
         out = model.eval().generate(idx[:, :5], 40, temperature=0)  # past block_size 32: re-prefill too
     assert out.shape == (2, 45)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_to_half_runs_and_routes_in_fp32(dtype):
+    model = tiny().to(dtype)  # model.half() or .to(torch.bfloat16): every weight in dtype, no autocast
+    reference = tiny().to(dtype).float()  # the same rounded weights, back in fp32 (exactly)
+    seen = capture_routing(model)
+    idx = torch.randint(0, 50, (3, 32))
+    logits, loss = model(idx, idx)
+    assert logits.dtype == dtype and torch.isfinite(loss)  # the model ran in low precision...
+    assert len(seen) == 2
+    for (x, _, info), ref in zip(seen, routed_blocks(reference)):
+        assert x.dtype == dtype
+        assert info.router_logits.dtype == info.predictor_logits.dtype == torch.float32  # ...its routing in fp32
+        # the scores of the fp32 router and predictor holding the same weights, on the same input, bit for bit
+        r = ref.router(x.float())
+        assert torch.equal(info.router_logits, r) and torch.equal(info.predictor_logits, ref.predictor(x.float()))
+        # so the same tokens: exactly k = 8 per row, the fp32 router's top-k
+        assert info.topk.sum(1).tolist() == [8] * 3
+        assert torch.equal(info.topk, torch.zeros_like(info.topk).scatter_(1, r.topk(8, dim=1).indices, True))
+    loss.backward()  # the router and the predictor learn through their fp32 copies of the weights
+    for block in routed_blocks(model):
+        assert block.router.proj.weight.grad.dtype == dtype and block.router.proj.weight.grad.abs().sum() > 0
+        assert block.predictor.fc.weight.grad.dtype == dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # routing="router" without router_aux_loss warns: not the point here
+        for routing in ("predictor", "router"):
+            logits, _ = model(idx, routing=routing)
+            assert logits.dtype == dtype and torch.isfinite(logits).all()
+    out = model.generate(idx[:, :5], 40, temperature=0.8, top_k=10)  # past block_size 32: re-prefill too
+    assert out.shape == (3, 45) and 0 <= out.min() and out.max() < 50
+    assert model.last_cache_nbytes[0] == 2 * 3 * 32 * 32 * 2  # k and v, batch 3, 32 tokens, n_embd 32, 2 bytes
+    assert model.generate(idx[:, :5], 40, temperature=0, routing="predictor").shape == (3, 45)
 
 
 def test_a_block_that_no_token_routes_into_is_skipped_cleanly():
