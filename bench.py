@@ -443,7 +443,7 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
 
 def quality(device, log_dir, max_iters, eval_iters):
     data_dir = dataset_dir("shakespeare_char")
-    prepare_if_missing("shakespeare_char", data_dir, min_tokens=256)  # prepared once, on first use
+    prepare_if_missing("shakespeare_char", data_dir, 256)  # prepared once, on first use
     load_dataset(data_dir, "shakespeare_char", 256)  # checked
     lines = []
     for name, shape in QUALITY_SETTINGS.items():
@@ -649,6 +649,7 @@ def check_args(args, device):
             "--dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
     unknown = set(args.shapes.split(",")) - SHAPES.keys()
     require(not unknown, f"unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
+    require(args.out, "--out is empty: name the markdown file to write, e.g. --out=bench.md")
     require(not os.path.isdir(args.out), f"--out={args.out} is a folder: name a file, e.g. "
                                          f"--out={os.path.join(args.out, 'bench.md')}")
     folder = os.path.dirname(os.path.abspath(args.out))

@@ -272,25 +272,111 @@ def pick_device(requested):
     return "cpu"
 
 
+def on_first_process(check, rank, world_size):
+    """Run check() on the first DDP process only (it writes: the out_dir, the data), and give every process its
+    verdict: all raise the same error, so that each ends with the same one line instead of the others waiting at the
+    next collective until a timeout. A single process just runs check()."""
+    error = None
+    if rank == 0:
+        try:
+            check()
+        except Exception as e:
+            if world_size == 1:
+                raise
+            error = e
+    if world_size > 1:
+        import torch.distributed as dist
+        verdict = [error if error is None or isinstance(error, UserError) else
+                   UserError(f"the first process stopped: {type(error).__name__}: {first_reason(error)}")]
+        dist.broadcast_object_list(verdict, src=0)
+        if rank == 0 and error is not None:
+            raise error
+        if verdict[0] is not None:
+            raise verdict[0]
+
+
+def parameters_without_gradient(model, x, y):
+    """The names of the parameters that one forward and backward pass on (x, y) leaves without a gradient (the random
+    control's router: the noise picks the tokens). DDP must be told, or it stops at the second iteration waiting for
+    their gradients. The random state is left as it was, and so are the gradients (none)."""
+    import torch
+    devices = [torch.cuda.current_device()] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        _, loss = model(x, y)
+        loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
 def describe_os_error(e):
     """An OSError in a few words, with the path it is about: "out/ckpt.pt: No space left on device"."""
     return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror or e)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` runs (no temporary file is left behind)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def quiet_stdout():
+    """Whatever is still to print goes nowhere: stdout was closed by its reader (`python train.py | head`)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit does not fail again
+    os.close(devnull)
+
+
+def is_out_of_memory(error):
+    text = str(error)
+    return isinstance(error, MemoryError) or any(s in text for s in ("out of memory", "can't allocate memory",
+                                                                      "bad_alloc", "Cannot allocate memory"))
+
+
+def unexpected(error, prog):
+    """One line for an error nobody foresaw, with the full traceback written to a file whose path the line names
+    (for a bug report). Out of memory says what to try instead."""
+    import tempfile
+    import traceback
+    path = os.path.join(tempfile.gettempdir(), f"{os.path.splitext(os.path.basename(prog))[0]}-traceback-"
+                                               f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt")
+    try:
+        with open(path, "w") as f:
+            traceback.print_exception(error, file=f)
+        where = f"the full traceback is in {path}"
+    except OSError:
+        where = "no traceback file could be written"
+    if is_out_of_memory(error):
+        return (f"out of memory ({first_reason(error)[:200]}): try a smaller --batch_size (or --block_size, "
+                f"--n_embd, --num_samples, --max_new_tokens); {where}")
+    return (f"unexpected {type(error).__name__}: {first_reason(error)[:300]}; {where} (please include it in a "
+            f"bug report)")
+
+
 def run_cli(main, on_interrupt="stopped"):
     """Run a command line's main(): whatever it reports (a UserError or a ValueError) ends as one line "error: ..."
-    on stderr and exit status 1, never a traceback; so does an OSError, naming its path. Ctrl-C before the script
-    handles it prints on_interrupt and exits with 130 (128 + SIGINT, the shells' convention). Returns main()'s
-    result."""
+    on stderr and exit status 1, never a traceback; so does an OSError, naming its path, and, last resort, any other
+    exception (unexpected(): its traceback goes to a file). Ctrl-C prints on_interrupt and exits with 130, SIGTERM
+    with 143 (128 + the signal, the shells' convention), both after every `finally` ran; a closed stdout ends the
+    printing quietly, with 141 (SIGPIPE's). Returns main()'s result."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return main()
     except (UserError, ValueError) as e:
         message = str(e)
+    except BrokenPipeError:
+        quiet_stdout()
+        sys.exit(128 + signal.SIGPIPE)
     except OSError as e:  # anything not caught closer to its cause: still one line, naming the path
         message = f"{describe_os_error(e)}: check the path, its permissions and the free disk space"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(on_interrupt, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except Exception as e:  # the last resort: nobody foresaw it
+        message = unexpected(e, sys.argv[0])
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
@@ -361,13 +447,22 @@ def load_checkpoint(path, need=RESUME_KEYS):
     missing = [key for key in need if key not in ckpt] if isinstance(ckpt, dict) else list(need)
     require(not missing, f"{path} is not a checkpoint of this train.py (missing {missing}): train into another "
                          f"--out_dir", CheckpointError)
-    damaged = [key for key in ("model", "model_config", "train_config", "meta", "rng_state")
+    damaged = [key for key in ("model", "optimizer", "scaler", "model_config", "train_config", "meta", "rng_state")
                if key in need and not isinstance(ckpt[key], dict)]
     require(not damaged, f"{path} is damaged ({damaged and damaged[0]} is no dict): train into another --out_dir",
             CheckpointError)
     problem = meta_problem(ckpt["meta"]) if "meta" in need else None
+    if not problem and "meta" in need and "model_config" in need:
+        vocab_sizes = ckpt["meta"]["vocab_size"], ckpt["model_config"].get("vocab_size")
+        if vocab_sizes[0] != vocab_sizes[1]:
+            problem = "has a vocabulary of %s tokens, the model %s" % vocab_sizes
     require(not problem, f"the meta of {path} {problem}: the file is damaged; train into another --out_dir",
             CheckpointError)
+    if "iter_num" in need:
+        require(is_int(ckpt["iter_num"]) and ckpt["iter_num"] >= 0 and isinstance(ckpt["best_val_loss"], (int, float))
+                and not isinstance(ckpt["best_val_loss"], bool) and not math.isnan(ckpt["best_val_loss"]),
+                f"{path} is damaged (iter_num {ckpt['iter_num']!r}, best_val_loss {ckpt['best_val_loss']!r}): train "
+                f"into another --out_dir", CheckpointError)
     for name, tensor in ckpt["model"].items():
         require(not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or torch.isfinite(tensor).all(),
                 f"{path} holds non-finite weights (NaN or inf, in {name}): it cannot be used; use the other "
@@ -414,13 +509,33 @@ class Checkpoints:
         self.best = os.path.join(out_dir, "best.pt")
         self.best_val_loss = float("inf")
 
-    def load_latest(self):
-        """ckpt.pt, checked (load_checkpoint), to resume from; it also sets the best validation loss so far."""
+    def load_latest(self, train_class, model_class):
+        """ckpt.pt to resume from, checked (load_checkpoint), its settings too: they go through the conversion and
+        the checks of the user's flags, so a checkpoint that does not hold together is one CheckpointError naming the
+        file and the field. Sets the best validation loss so far."""
         require(os.path.exists(self.latest), f"--init_from=resume but there is no checkpoint at {self.latest}: "
                                              f"train one first (python train.py --out_dir={self.out_dir})")
         ckpt = load_checkpoint(self.latest)
+        for part, config in (("train_config", train_class), ("model_config", model_class)):
+            types = {f.name: f.type for f in fields(config)}
+            try:
+                values = {k: convert(k, v, types[k]) for k, v in ckpt[part].items() if k in types}
+                checked = config(**values)  # the dataclass's defaults fill in fields of a later version
+                if config is train_class:
+                    check_train_config(checked)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{self.latest} is damaged: its {part} does not hold together ("
+                                      f"{str(e).replace('--', '')}); train into another --out_dir") from None
+            ckpt[part] = dataclasses.asdict(checked)
         self.best_val_loss = ckpt["best_val_loss"]
         return ckpt
+
+    def saved_settings(self, ckpt):
+        """The settings a resume continues with, under what the user asks: the checkpoint's, but not the machine's
+        (device, compile, peak_tflops), which are this run's like the device itself."""
+        machine = ("device", "compile", "peak_tflops")
+        return {**{k: v for k, v in ckpt["train_config"].items() if k not in machine}, **ckpt["model_config"],
+                "init_from": "resume", "out_dir": self.out_dir}
 
     def check(self, init_from, overwrite, eval_only):
         """Before any work: out_dir must be a folder we can write to, and a scratch run must not replace the
@@ -439,12 +554,38 @@ class Checkpoints:
             raise ConfigError(f"cannot write to --out_dir={self.out_dir} ({e.strerror}): choose a folder you can "
                               f"write to") from None
 
-    def start_over(self):
-        """overwrite=True: the earlier run's checkpoints go now, both of them."""
-        for path in (self.latest, self.best):
-            if os.path.exists(path):
-                os.remove(path)
-                print(f"removed {path} of an earlier run (--overwrite=True)")
+    @contextmanager
+    def run(self, start_over=False, enabled=True):
+        """While a run writes into out_dir: out_dir is locked, so that a second run there (a resume, or a scratch run
+        started at the same time) is refused in one line naming the process that holds it; start_over
+        (overwrite=True) removes the earlier run's checkpoints, both of them, once the folder is ours. The lock is
+        an flock on the folder itself: no file is created, and the kernel drops it when the process ends, however it
+        ends, so a crashed run never blocks the next one. POSIX only (elsewhere, no lock). enabled=False (other DDP
+        processes, an evaluation-only run): nothing."""
+        fd = self.lock() if enabled else None
+        try:
+            for path in (self.latest, self.best) if enabled and start_over else ():
+                if os.path.exists(path):
+                    os.remove(path)
+                    print(f"removed {path} of an earlier run (--overwrite=True)")
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+    def lock(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return None
+        fd = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"{self.out_dir} is in use by another run ({lock_holder(self.out_dir)}): wait for it to "
+                              f"finish or stop it, or train into another --out_dir") from None
+        return fd
 
     @staticmethod
     def state(model, optimizer, scaler, model_config, train_config, meta, iter_num, rng):
@@ -472,10 +613,10 @@ class Checkpoints:
                                   f"into another --out_dir") from None
         return ckpt["iter_num"]
 
-    def save(self, state, val_loss=None):
+    def save(self, state, val_loss, signals):
         """Save the training state (state()) to ckpt.pt, and to best.pt too when val_loss is the best so far;
-        val_loss=None (a stopped run) saves ckpt.pt alone. Returns the paths written: none if a weight is NaN or inf
-        (which reads every weight: a sync on a GPU, so only here)."""
+        val_loss=None (a stopped run) saves ckpt.pt alone. Signals wait until the save is done. Returns the paths
+        written: none if a weight is NaN or inf (which reads every weight: a sync on a GPU, so only here)."""
         if not weights_are_finite(state["model"]):
             return []
         paths = [self.latest]
@@ -483,9 +624,18 @@ class Checkpoints:
             self.best_val_loss = val_loss
             paths.append(self.best)
         state = dict(state, best_val_loss=self.best_val_loss)
-        for path in paths:
-            save_checkpoint(path, state)
+        with signals.save_in_progress():
+            for path in paths:
+                save_checkpoint(path, state)
         return paths
+
+    def save_and_stop(self, state, signals, why=""):
+        """A run that stops before its end (a signal, a closed stdout, an error) saves ckpt.pt, the state at the top
+        of the iteration where it stopped, and says how to continue."""
+        saved = self.save(state, None, signals)
+        print(why + (f"saved {self.latest}; continue with --init_from=resume --out_dir={self.out_dir}" if saved else
+                     f"not saved: the weights are not finite (NaN or inf) at iteration {state['iter_num']}; "
+                     f"{self.latest} keeps the last good state (resume with a lower --learning_rate)"))
 
     @staticmethod
     def to_sample(out_dir, which="best"):
@@ -501,6 +651,23 @@ class Checkpoints:
         require(os.path.isfile(path), f"no checkpoint at {path}: train one with python train.py (it writes "
                                       f"out/best.pt and out/ckpt.pt), or point --out_dir at the folder that holds it")
         return path
+
+
+def lock_holder(folder):
+    """Who holds the flock on folder: "process 1234: python train.py ..." from /proc (Linux), else "another
+    process"."""
+    try:
+        inode = os.stat(folder).st_ino
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 00:2e:5678 0 EOF"
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    with open(f"/proc/{parts[4]}/cmdline", "rb") as cmd:
+                        command = cmd.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"process {parts[4]}: {command[:100]}"
+    except (OSError, ValueError):
+        pass
+    return "another process"
 
 
 def random_state(device_type):
@@ -532,8 +699,9 @@ class StopSignals:
     The first one only raises a flag: the loop finishes the current iteration, saves ckpt.pt and stops, so the
     checkpoint never holds half an iteration and a resume continues exactly. A second one stops at once, without
     saving, except in the middle of a save: a save in progress always finishes first (a half-written file would be
-    thrown away, and with it everything since the last save). Single process only: under DDP every process gets the
-    signal at its own time, so there the usual behaviour stays (enabled=False)."""
+    thrown away, and with it everything since the last save). A closed stdout (`python train.py | grep -m1 saved`)
+    counts as one too, "SIGPIPE": printing stops quietly, the run saves and stops. Single process only: under DDP
+    every process gets the signal at its own time, so there the usual behaviour stays (enabled=False)."""
 
     def __init__(self, enabled=True):
         self.enabled = enabled
@@ -546,6 +714,7 @@ class StopSignals:
         if self.enabled and threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self.handler)
+            self.stdout, sys.stdout = sys.stdout, ClosedPipeGuard(sys.stdout, self)
         return self
 
     def handler(self, signum, frame):  # only sets flags: printing here could collide with the loop's printing
@@ -570,6 +739,35 @@ class StopSignals:
     def __exit__(self, *exc):
         for signum, previous in self.previous.items():
             signal.signal(signum, previous)
+        if self.previous:
+            sys.stdout = self.stdout
+
+
+class ClosedPipeGuard:
+    """sys.stdout while training: when its reader has gone (BrokenPipeError), printing stops quietly and the run is
+    asked to stop, as by a signal."""
+
+    def __init__(self, stream, signals):
+        self.stream, self.signals = stream, signals
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.closed()
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.closed()
+
+    def closed(self):
+        quiet_stdout()
+        self.signals.received = self.signals.received or "SIGPIPE"
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 

@@ -30,6 +30,9 @@ from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError,
                       pick_device, require, run_cli)
 
 
+MAX_NEW_TOKENS = 1_000_000  # a sample's length is checked where it enters: far more would exhaust the memory
+
+
 def load_model(out_dir, device, checkpoint="best"):
     """The model and tokenizer that train.py saved in out_dir: best.pt (the lowest validation loss; ckpt.pt while
     there is none yet) or, with checkpoint="latest", ckpt.pt (where training stopped)."""
@@ -132,6 +135,9 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     require(routing in ("predictor", "router"),
             f"--routing must be predictor or router (top-k would need the future), got {routing!r}")
     require(num_samples >= 1 and max_new_tokens >= 1, "--num_samples and --max_new_tokens must be >= 1")
+    require(max_new_tokens <= MAX_NEW_TOKENS, f"--max_new_tokens must be at most {MAX_NEW_TOKENS:,} (hours of sampling "
+                                              f"on a CPU), got {max_new_tokens:,}")
+    require(0 <= seed < 2**63, f"--seed must be in [0, 2**63), got {seed}")
     require(color in ("auto", "always", "never"), f"--color must be auto, always or never, got {color!r}")
     device = pick_device(device)
     torch.manual_seed(seed)

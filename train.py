@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import sys
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +25,9 @@ import torch
 
 from data.prepare import Tokenizer, check_same_vocabulary, dataset_dir, load_dataset, prepare_if_missing
 from mod import MoDConfig, MoDGPT
-from plumbing import (Checkpoints, Clock, Metrics, StopSignals, check_train_config, config_parser,
-                      merge_settings, peak_flops, pick_device, random_state, require, resolve_config, run_cli,
-                      stop_on_bad_loss)
+from plumbing import (CheckpointError, Checkpoints, Clock, Metrics, StopSignals, check_train_config, config_parser,
+                      merge_settings, on_first_process, parameters_without_gradient, peak_flops, pick_device,
+                      random_state, require, resolve_config, run_cli, stop_on_bad_loss)
 
 # -----------------------------------------------------------------------------
 # settings: every field of TrainConfig and of mod.MoDConfig is a flag, --key=value (python train.py --help)
@@ -73,7 +73,7 @@ class TrainConfig:
 GPU_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                     max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200, log_interval=10)
 CPU_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
-                    max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20, log_interval=1)
+                    max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20, log_interval=50)
 
 
 # -----------------------------------------------------------------------------
@@ -116,15 +116,21 @@ def pick_dtype(requested, device):
 
 class Batches:
     """Random (x, y) windows from train.bin / val.bin. The windows of iteration `it` come from a generator seeded
-    by (seed, rank, it), so a resumed run sees exactly the batches an uninterrupted run would have seen."""
+    by (seed, rank, it), so a resumed run sees exactly the batches an uninterrupted run would have seen. The files
+    checked when the data was loaded stay open: a dataset prepared again meanwhile (new files renamed into place) is
+    never seen, so a run trains on, and saves the vocabulary of, what was checked."""
 
     def __init__(self, data_dir, block_size, batch_size, device, seed, rank):
-        self.data_dir, self.block_size, self.batch_size = data_dir, block_size, batch_size
-        self.device, self.seed, self.rank = device, seed, rank
+        self.block_size, self.batch_size, self.device, self.seed, self.rank = block_size, batch_size, device, seed, rank
+        self.files = {split: open(os.path.join(data_dir, f"{split}.bin"), "rb") for split in ("train", "val")}
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
 
     def get(self, split, generator):
-        # re-open the memmap every batch to avoid a memory leak (see nanoGPT's train.py)
-        data = np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+        # map the file again every batch to avoid a memory leak (see nanoGPT's train.py)
+        data = np.memmap(self.files[split], dtype=np.uint16, mode="r")
         ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=generator)
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])  # (B, T)
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
@@ -139,14 +145,12 @@ class Batches:
         return torch.Generator().manual_seed(self.seed)  # the same eval batches every time: comparable curves
 
 
-def load_data(cfg, block_size, is_master, ddp):
-    """The data folder and its meta. data/<dataset> is prepared on first use (never over a partial dataset). The
-    token files are checked here, once, so that the training step need not check its batches."""
-    data_dir = cfg.data_dir or dataset_dir(cfg.dataset)
-    if is_master:  # the other DDP processes wait at the barrier
-        prepare_if_missing(cfg.dataset, data_dir, min_tokens=block_size, asked_for=bool(cfg.data_dir))
-    if ddp:
-        torch.distributed.barrier()
+def load_data(cfg, block_size, rank, world_size):
+    """The data folder and its meta. data/<dataset> is prepared on first use of a new run (never over a partial
+    dataset; a resume trains on what exists). The token files are checked here, once, so that the training step
+    need not check its batches."""
+    data_dir, may_prepare = cfg.data_dir or dataset_dir(cfg.dataset), not cfg.data_dir and cfg.init_from == "scratch"
+    on_first_process(lambda: prepare_if_missing(cfg.dataset, data_dir, block_size, may_prepare), rank, world_size)
     return data_dir, load_dataset(data_dir, cfg.dataset, block_size)
 
 
@@ -243,92 +247,91 @@ def log_values(model, cfg, it, loss, dt, world_size):
 def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokenizer, iter_num, rank, world_size):
     """Train model (a MoDGPT) from iteration iter_num to cfg.max_iters: every eval_interval iterations evaluate and
     save (ckpt.pt; best.pt when val improves), every iteration one optimisation step, every log_interval a log line.
-    Returns what main() returns."""
+    A signal, a closed stdout or an error stops it with ckpt.pt saved. Returns what main() returns."""
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
     is_master, accum_steps = rank == 0, cfg.gradient_accumulation_steps // world_size
     raw_model = model  # what is evaluated, saved and sampled; `model` is what the step calls (compiled, DDP)
     if cfg.compile:
         model = torch.compile(model)
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()]
-                                                          if device_type == "cuda" else None)
-    metrics = Metrics(os.path.join(checkpoints.out_dir, "metrics.jsonl"),
-                      iter_num if cfg.init_from == "resume" else None, enabled=is_master, write=not cfg.eval_only)
+    if world_size > 1:  # DDP must know of parameters that get no gradient (the random control's router)
+        unused = parameters_without_gradient(raw_model, *batches.get("train", batches.for_eval()))
+        device_ids = [torch.cuda.current_device()] if device_type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids, find_unused_parameters=bool(unused))
 
     def state(it, rng):  # what ckpt.pt holds: everything a resume needs, at the top of iteration it
         return checkpoints.state(raw_model, optimizer, scaler, raw_model.config, cfg, tokenizer.meta, it, rng)
 
-    start_iter, last_eval, clock = iter_num, {}, Clock()
-    with StopSignals(enabled=world_size == 1) as signals, stop_on_bad_loss(checkpoints.latest):
-        while True:
-            rng = random_state(device_type)
-            if signals.received:  # between two iterations: the checkpoint holds whole iterations only
-                print(f"\n{signals.received}: stopped at iteration {iter_num}")
-                if iter_num > start_iter:
-                    with signals.save_in_progress():
-                        saved = checkpoints.save(state(iter_num, rng))
-                    print(f"saved {checkpoints.latest}; continue with --init_from=resume --out_dir="
-                          f"{checkpoints.out_dir}" if saved else f"not saved: the weights are not finite (NaN or "
-                          f"inf) at iteration {iter_num}; {checkpoints.latest} keeps the last good state (resume "
-                          f"with a lower --learning_rate)")
-                break
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    start_iter, last_eval, clock, rng = iter_num, {}, Clock(), random_state(device_type)
+    if is_master and iter_num >= cfg.max_iters and not cfg.eval_only:
+        print(f"note: nothing to train: the run is at iteration {iter_num} and --max_iters={cfg.max_iters}")
+    with checkpoints.run(cfg.init_from == "scratch" and cfg.overwrite, enabled=is_master and not cfg.eval_only), \
+            closing(batches), StopSignals(enabled=world_size == 1) as signals, stop_on_bad_loss(checkpoints.latest):
+        metrics = Metrics(os.path.join(checkpoints.out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume"
+                          else None, enabled=is_master, write=not cfg.eval_only)
+        try:
+            while not signals.received:  # checked between iterations: a checkpoint holds whole iterations only
+                lr = get_lr(iter_num, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            # evaluate, and save ckpt.pt (and best.pt when the loss that holds when sampling improves)
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-                with clock.paused():  # evaluating and saving is not training time
-                    times = clock.times()
-                    if is_master:
+                # evaluate, and save ckpt.pt (and best.pt when the loss that holds when sampling improves)
+                if is_master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only):
+                    with clock.paused():  # evaluating and saving is not training time
+                        times = clock.times()
                         last_eval = evaluate(raw_model, batches, cfg, autocast)
                         print(format_eval(iter_num, last_eval))
                         if not all(math.isfinite(v) for v in last_eval.values()):
                             raise FloatingPointError(f"non-finite evaluation loss at iteration {iter_num}")
                         metrics.add("eval", iter_num, *times, lr=lr, **last_eval)
-                        if iter_num > start_iter:
-                            with signals.save_in_progress():
-                                saved = checkpoints.save(state(iter_num, rng), last_eval.get("val_predictor",
-                                                                                   last_eval["val_topk"]))
+                        if iter_num > start_iter:  # the loss that holds when sampling decides what is best
+                            saved = checkpoints.save(state(iter_num, rng), last_eval.get("val_predictor",
+                                                                                       last_eval["val_topk"]), signals)
                             if not saved:
                                 raise FloatingPointError(f"non-finite weights at iteration {iter_num}")
-                            print("saved " + " and ".join(saved) + (" (best val loss so far)" if len(saved) > 1
-                                                                    else ""))
-            if iter_num >= cfg.max_iters or cfg.eval_only:
-                break
+                            print("saved " + " and ".join(saved) + " (best val loss so far)" * (len(saved) == 2))
+                if iter_num >= cfg.max_iters or cfg.eval_only:
+                    break
 
-            # one optimisation step: accum_steps micro-batches, gradients averaged
-            generator = batches.for_iteration(iter_num)
-            for micro_step in range(accum_steps):
-                x, y = batches.get("train", generator)  # (B, T) token ids and their next tokens
-                if world_size > 1:  # synchronise gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro_step == accum_steps - 1
-                with autocast:  # check_input=False: the token ids were checked once, when the data was loaded
-                    _, loss = model(x, y, check_input=False)
-                    loss = loss / accum_steps
-                scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            clock.step_done()
+                # one optimisation step: accum_steps micro-batches, gradients averaged
+                generator = batches.for_iteration(iter_num)
+                for micro_step in range(accum_steps):
+                    x, y = batches.get("train", generator)  # (B, T) token ids and their next tokens
+                    if world_size > 1:  # synchronise gradients only on the last micro-step
+                        model.require_backward_grad_sync = micro_step == accum_steps - 1
+                    with autocast:  # check_input=False: the token ids were checked once, when the data was loaded
+                        _, loss = model(x, y, check_input=False)
+                        loss = loss / accum_steps
+                    scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                iter_num, rng = iter_num + 1, random_state(device_type)  # where a resume of this state starts
+                clock.step_done()
 
-            if iter_num % cfg.log_interval == 0 and is_master:
-                dt = clock.lap(cfg.log_interval)
-                text, values = log_values(raw_model, cfg, iter_num, loss * accum_steps, dt, world_size)
-                print(f"iter {iter_num}: {text}")
-                metrics.add("train", iter_num, *clock.times(), lr=lr, **values)
+                if iter_num % cfg.log_interval == 0 and is_master:
+                    text, values = log_values(raw_model, cfg, iter_num, loss * accum_steps,
+                                              clock.lap(cfg.log_interval), world_size)
+                    print(f"iter {iter_num}: {text}")
+                    metrics.add("train", iter_num, *clock.times(), lr=lr, **values)
+        except Exception as e:  # an error (not a NaN, not a failed save): keep what was trained, as a signal does
+            if is_master and iter_num > start_iter and not isinstance(e, (FloatingPointError, CheckpointError)):
+                checkpoints.save_and_stop(state(iter_num, rng), signals, f"an error stopped iteration {iter_num}: ")
+            raise
+        if signals.received and is_master:
+            print(f"\n{signals.received}: stopped at iteration {iter_num}")
+            if iter_num > start_iter:
+                checkpoints.save_and_stop(state(iter_num, rng), signals)
 
     result = dict(iter_num=iter_num, eval=last_eval, ckpt_path=checkpoints.latest, best_path=checkpoints.best,
                   wall_s=clock.times()[1], ms_per_iter=clock.ms_per_iter(iter_num - start_iter),
                   interrupted=signals.received is not None, signal=signals.received, history=metrics.history)
     if is_master and not signals.received:
         print(f"done in {result['wall_s']:.0f} s, {result['ms_per_iter']:.1f} ms/iter")
-    if is_master and not signals.received and cfg.sample_tokens > 0:
-        result["sample"] = sample_text(raw_model, tokenizer, cfg.sample_tokens, autocast)
+        if cfg.sample_tokens > 0:
+            result["sample"] = sample_text(raw_model, tokenizer, cfg.sample_tokens, autocast)
     return result
 
 
@@ -371,9 +374,8 @@ def setup_and_train(settings, device, rank, world_size):
     the data, the model and the optimizer; then train()."""
     device_type = "cuda" if device.startswith("cuda") else device
     checkpoints = Checkpoints(str(settings.get("out_dir", TrainConfig.out_dir)))
-    ckpt = checkpoints.load_latest() if str(settings.get("init_from", "scratch")) == "resume" else None
-    saved = None if ckpt is None else {**ckpt["train_config"], **ckpt["model_config"], "init_from": "resume",
-                                       "out_dir": checkpoints.out_dir}
+    ckpt = checkpoints.load_latest(TrainConfig, MoDConfig) if settings.get("init_from") == "resume" else None
+    saved = None if ckpt is None else checkpoints.saved_settings(ckpt)
     preset = GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
     cfg, model_fields = resolve_config(settings, preset, TrainConfig, MoDConfig, saved)
     cfg.device = device
@@ -383,10 +385,8 @@ def setup_and_train(settings, device, rank, world_size):
             f"must be a multiple of their number ({world_size}): e.g. --gradient_accumulation_steps={world_size}")
     dtype = pick_dtype(cfg.dtype, device)  # bf16/fp16 autocast where it helps (checked now, before any work)
     model_cfg = MoDConfig(**model_fields)  # checks the model settings (ValueError with the fix) before any work
-    if rank == 0:
-        checkpoints.check(cfg.init_from, cfg.overwrite, cfg.eval_only)
-
-    data_dir, meta = load_data(cfg, model_cfg.block_size, rank == 0, world_size > 1)
+    on_first_process(lambda: checkpoints.check(cfg.init_from, cfg.overwrite, cfg.eval_only), rank, world_size)
+    data_dir, meta = load_data(cfg, model_cfg.block_size, rank, world_size)
     tokenizer = Tokenizer(meta)  # now, not after training: GPT-2's BPE needs tiktoken's files
     if ckpt is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"])
@@ -409,8 +409,6 @@ def setup_and_train(settings, device, rank, world_size):
         if rank == 0:
             print(f"resuming from {checkpoints.latest} at iteration {iter_num}")
     del ckpt  # free the memory
-    if rank == 0 and cfg.init_from == "scratch" and cfg.overwrite and not cfg.eval_only:
-        checkpoints.start_over()
     if rank == 0:
         kind = (f"MoD, capacity {model_cfg.capacity}, routed blocks {model_cfg.routed_blocks()}, router "
                 f"{model_cfg.router}/{model_cfg.router_weight}" if model_cfg.routed_blocks() else "dense baseline")

@@ -282,16 +282,17 @@ def _write_dataset(out_dir, train_ids, val_ids, meta):
 # what train.py uses: the dataset, prepared on first use and checked once
 
 
-def prepare_if_missing(dataset, data_dir, min_tokens, asked_for=False):
+def prepare_if_missing(dataset, data_dir, min_tokens, may_prepare=True):
     """Prepare data_dir when it holds none of train.bin, val.bin and meta.json: the default folder data/<dataset>
     on first use. A folder that holds only some of them is an error (never prepared over: they may come from the
-    user's own text), and so is an empty folder the user named (asked_for: --data_dir)."""
+    user's own text), and so is an empty folder that may not be prepared (one the user named with --data_dir, or
+    any when resuming: a resumed run trains on the data it was trained on, which exists)."""
     names = ("train.bin", "val.bin", "meta.json")
     present = [name for name in names if os.path.exists(os.path.join(data_dir, name))]
     run = prepare_command(data_dir, dataset)
-    if not present and asked_for:
-        raise ConfigError(f"--data_dir={data_dir} holds no train.bin/val.bin/meta.json: prepare it with {run} "
-                          f"(add --input=PATH for your own text)")
+    if not present and not may_prepare:
+        raise ConfigError(f"{data_dir} holds no train.bin/val.bin/meta.json: prepare it with {run} (add "
+                          f"--input=PATH for your own text), or name the data to use with --data_dir")
     if not present:
         print(f"preparing {dataset} in {data_dir} ...")
         prepare(dataset, out_dir=data_dir, min_tokens=min_tokens)  # checks the text before writing
