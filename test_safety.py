@@ -347,3 +347,16 @@ def test_nothing_to_train_says_so(good_run, char_data, tmp_path, capsys):
     assert "note: nothing to train: the run is at iteration 2 and --max_iters=2" in capsys.readouterr().out
     train.main(**tiny_run(char_data, tmp_path / "new", max_iters=0))
     assert "--max_iters=0" in capsys.readouterr().out
+
+
+def test_a_failed_metrics_write_leaves_no_temporary_file(char_data, tmp_path, monkeypatch):
+    import plumbing
+
+    def disk_full(self, path):  # half the history written, then the disk is full
+        with open(path, "w") as f:
+            f.write('{"kind": "ev')
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(plumbing.Metrics, "write_history", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(**tiny_run(char_data, tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == []  # no metrics.jsonl.<pid>.<random>.tmp
