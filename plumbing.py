@@ -13,6 +13,7 @@ torch is imported only inside the functions that need it, so that preparing data
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -307,6 +308,42 @@ def parameters_without_gradient(model, x, y):
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
     return unused
+
+
+def pick_dtype(requested, device):
+    """Mixed precision where it helps and is safe: bf16 needs compute capability >= 8.0 (A100, H100, L4, ...);
+    older GPUs (Colab's T4) get float16 with a GradScaler; CPU and MPS train in float32. bfloat16 and float16 can
+    be asked for on a CPU too (CPU autocast: rarely faster, but the mixed-precision path runs, and is tested, there)."""
+    import torch
+    if not device.startswith("cuda"):
+        require(device != "mps" or requested in ("auto", "float32"),
+                f"--dtype={requested} is for CUDA GPUs and CPUs; on mps use --dtype=float32 (or auto)")
+        return "float32" if requested == "auto" else requested
+    bf16_ok = torch.cuda.get_device_capability()[0] >= 8
+    require(requested != "bfloat16" or bf16_ok,
+            "this GPU has no fast bfloat16 (compute capability < 8.0): use --dtype=float16 or auto")
+    return ("bfloat16" if bf16_ok else "float16") if requested == "auto" else requested
+
+
+def autocast_for(dtype, device_type):
+    """Mixed precision's context: torch.autocast in bf16/fp16 (the router and predictor stay in fp32 inside it), or
+    nothing for float32."""
+    import torch
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def allow_tf32():
+    """float32 matrix products on a GPU's tensor cores (TF32: Ampere and later), with the API of the installed torch
+    (fp32_precision since 2.9; the allow_tf32 flags before it, which 2.9 deprecates)."""
+    import torch
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def describe_os_error(e):

@@ -26,8 +26,8 @@ import torch
 
 from data.prepare import Tokenizer
 from mod import MoDConfig, MoDGPT
-from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError, first_reason, load_checkpoint,
-                      pick_device, require, run_cli)
+from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError, allow_tf32, autocast_for,
+                      first_reason, load_checkpoint, pick_device, pick_dtype, require, run_cli)
 
 
 MAX_NEW_TOKENS = 1_000_000  # a sample's length is checked where it enters: far more would exhaust the memory
@@ -140,6 +140,11 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     require(0 <= seed < 2**63, f"--seed must be in [0, 2**63), got {seed}")
     require(color in ("auto", "always", "never"), f"--color must be auto, always or never, got {color!r}")
     device = pick_device(device)
+    # generate in the dtype training picks on this device: on a GPU bf16 (or fp16) autocast, with TF32 for what
+    # stays in fp32 (the routing does); on a CPU float32
+    autocast = autocast_for(pick_dtype("auto", device), device.split(":")[0])
+    if device.startswith("cuda"):
+        allow_tf32()
     torch.manual_seed(seed)
     model, tokenizer = load_model(out_dir, device, checkpoint)
     cfg = model.config
@@ -157,7 +162,8 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     t0 = time.time()
     # token by token, each routed block's predictor decides whether the token goes through it (mod.py: generate,
     # then MoDBlock.causal_route, the one rule: logit > 0)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, routing=routing)
+    with autocast:
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, routing=routing)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.time() - t0
@@ -190,7 +196,8 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     if blocks:
         generated = torch.zeros_like(out, dtype=torch.bool)
         generated[:, len(ids):-1] = True  # generated tokens that went through the model (not the last one)
-        agreement = topk_agreement(model, out, routing)
+        with autocast:
+            agreement = topk_agreement(model, out, routing)
         print(f"routing per block (trained capacity {cfg.capacity:.1%}); agreement with top-k on the last "
               f"{min(out.size(1), cfg.block_size)} tokens:")
         for n, stats in zip(blocks, agreement):

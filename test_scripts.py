@@ -400,6 +400,12 @@ def test_config_overrides_are_typed_and_checked():
         train.main(device="cpu", capacity=0.0, data_dir="no/such/dir")
 
 
+def test_compile_is_on_by_default_on_a_gpu_only():
+    assert resolve_config({}, "cuda")[0].compile is True  # one graph per step: the host no longer limits the GPU
+    assert resolve_config({}, "cpu")[0].compile is False  # compiling costs a CPU run more than it saves
+    assert resolve_config({"compile": "False"}, "cuda")[0].compile is False
+
+
 def test_device_setup(monkeypatch):
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

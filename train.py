@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import sys
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +25,10 @@ import torch
 
 from data.prepare import Tokenizer, check_same_vocabulary, dataset_dir, load_dataset, prepare_if_missing
 from mod import MoDConfig, MoDGPT
-from plumbing import (CheckpointError, Checkpoints, Clock, Metrics, StopSignals, check_train_config, config_parser,
-                      merge_settings, on_first_process, parameters_without_gradient, peak_flops, pick_device,
-                      random_state, require, resolve_config, run_cli, stop_on_bad_loss)
+from plumbing import (CheckpointError, Checkpoints, Clock, Metrics, StopSignals, allow_tf32, autocast_for,
+                      check_train_config, config_parser, merge_settings, on_first_process, parameters_without_gradient,
+                      peak_flops, pick_device, pick_dtype, random_state, require, resolve_config, run_cli,
+                      stop_on_bad_loss)
 
 # -----------------------------------------------------------------------------
 # settings: every field of TrainConfig and of mod.MoDConfig is a flag, --key=value (python train.py --help)
@@ -64,20 +65,21 @@ class TrainConfig:
     # system
     device: str = ""  # cpu, cuda, cuda:N or mps; "" picks cuda, then mps, then cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (with a GradScaler); auto: bf16/fp16 on a GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the model (worth it on a GPU)
+    compile: bool = False  # torch.compile the model: one graph per step, ~2x faster on a GPU; a CPU gains little
     peak_tflops: float = 0.0  # the device's peak, for MFU; 0 means look it up (known GPUs) or print no MFU
     seed: int = 1337  # random seed of the initialisation, the batches and dropout
 
 
 # nanoGPT's settings for shakespeare_char: config/train_shakespeare_char.py on a GPU, its README's laptop line on a CPU
 GPU_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
-                    max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200, log_interval=10)
+                    max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200, log_interval=10,
+                    compile=True)
 CPU_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
                     max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20, log_interval=50)
 
 
 # -----------------------------------------------------------------------------
-# device and dtype
+# device and dtype (plumbing.pick_dtype: bf16, or fp16 with a GradScaler, where a GPU gains from it)
 
 
 def setup_device(requested):
@@ -86,28 +88,16 @@ def setup_device(requested):
     device = pick_device(requested)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world_size = 0, 1
-    if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if ddp and device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
     if ":" in device:  # "cuda:1": make it the current GPU, so capability, name and autocast refer to it
         torch.cuda.set_device(device)
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        cuda = device.startswith("cuda")  # NCCL bound to this process's GPU from the start
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda
+                                             else None)
     return device, ddp, rank, world_size
-
-
-def pick_dtype(requested, device):
-    """Mixed precision where it helps and is safe: bf16 needs compute capability >= 8.0 (A100, H100, L4, ...);
-    older GPUs (Colab's T4) get float16 with a GradScaler; CPU and MPS train in float32. bfloat16 and float16 can
-    be asked for on a CPU too (CPU autocast: rarely faster, but the mixed-precision path runs, and is tested, there)."""
-    if not device.startswith("cuda"):
-        require(device != "mps" or requested in ("auto", "float32"),
-                f"--dtype={requested} is for CUDA GPUs and CPUs; on mps use --dtype=float32 (or auto)")
-        return "float32" if requested == "auto" else requested
-    bf16_ok = torch.cuda.get_device_capability()[0] >= 8
-    require(requested != "bfloat16" or bf16_ok,
-            "this GPU has no fast bfloat16 (compute capability < 8.0): use --dtype=float16 or auto")
-    return ("bfloat16" if bf16_ok else "float16") if requested == "auto" else requested
 
 
 # -----------------------------------------------------------------------------
@@ -250,13 +240,13 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokeniz
     A signal, a closed stdout or an error stops it with ckpt.pt saved. Returns what main() returns."""
     device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device
     is_master, accum_steps = rank == 0, cfg.gradient_accumulation_steps // world_size
-    raw_model = model  # what is evaluated, saved and sampled; `model` is what the step calls (compiled, DDP)
-    if cfg.compile:
-        model = torch.compile(model)
+    raw_model = ddp = model  # raw_model is evaluated, saved and sampled; `model` is what the step calls
     if world_size > 1:  # DDP must know of parameters that get no gradient (the random control's router)
         unused = parameters_without_gradient(raw_model, *batches.get("train", batches.for_eval()))
         device_ids = [torch.cuda.current_device()] if device_type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids, find_unused_parameters=bool(unused))
+        model = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids, find_unused_parameters=bool(unused))
+    if cfg.compile:  # after DDP, so that its all-reduce of each bucket overlaps the rest of the compiled backward
+        model = torch.compile(model)
 
     def state(it, rng):  # what ckpt.pt holds: everything a resume needs, at the top of iteration it
         return checkpoints.state(raw_model, optimizer, scaler, raw_model.config, cfg, tokenizer.meta, it, rng)
@@ -297,7 +287,7 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokeniz
                 for micro_step in range(accum_steps):
                     x, y = batches.get("train", generator)  # (B, T) token ids and their next tokens
                     if world_size > 1:  # synchronise gradients only on the last micro-step
-                        model.require_backward_grad_sync = micro_step == accum_steps - 1
+                        ddp.require_backward_grad_sync = micro_step == accum_steps - 1
                     with autocast:  # check_input=False: the token ids were checked once, when the data was loaded
                         _, loss = model(x, y, check_input=False)
                         loss = loss / accum_steps
@@ -396,8 +386,7 @@ def setup_and_train(settings, device, rank, world_size):
 
     torch.manual_seed(cfg.seed + rank)
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     model = MoDGPT(model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # fp16 needs its loss scaled
@@ -415,8 +404,7 @@ def setup_and_train(settings, device, rank, world_size):
         print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, device "
               f"{device}, {dtype}, {cfg.gradient_accumulation_steps * cfg.batch_size * model_cfg.block_size:,} "
               f"tokens per iteration")
-    autocast = (nullcontext() if dtype == "float32"
-                else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
+    autocast = autocast_for(dtype, device_type)
     batches = Batches(data_dir, model_cfg.block_size, cfg.batch_size, device, cfg.seed, rank)
     return train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokenizer, iter_num, rank, world_size)
 
