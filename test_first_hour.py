@@ -1,9 +1,13 @@
-"""A newcomer's first hour: the notebook's first cell finds the code wherever it was put (Colab included)."""
+"""A newcomer's first hour: the notebook's first cell finds the code wherever it was put (Colab included), and the
+command sequences of README.md and docs/usage.md run in the order written, without one refusal."""
 
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -126,3 +130,83 @@ def test_no_cell_exits_the_kernel():
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
             assert "sys.exit" not in "".join(cell["source"]) and "SystemExit" not in "".join(cell["source"])
+
+
+# =============================================================================
+# README.md and docs/usage.md: every python train.py / sample.py line of their ```bash blocks, in the order written,
+# each document in a fresh copy of the repository, at a tiny size
+
+
+TINY_TRAIN = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+              "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--sample_tokens=0"]
+TINY_SAMPLE = ["--max_new_tokens=5", "--device=cpu"]
+SKIPPED = [  # (a part of the command, why this test does not run it)
+    ("pip install", "installs from the network; the test runs where the requirements are installed"),
+    ("python -m pytest", "the tests themselves"),
+    ("torchrun", "DDP with 2 processes takes long; test_scripts.py runs DDP"),
+    ("bench.py --quality", "about 20 minutes of training"),
+    ("bench.py --figures", "minutes of training; test_scripts.py runs bench.figures() at a tiny size"),
+    ("--device=cuda", "needs a CUDA GPU"),
+    ("--compile=True", "the GPU block: compiling takes minutes on a CPU; test_scripts.py compiles a tiny model"),
+]
+
+
+def command_lines(doc):
+    """The commands of doc's ```bash blocks, in order: [(block number, [argv, ...]), ...], comments dropped and
+    `a && b` split into its commands."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / doc).read_text(), re.S | re.M)
+    assert blocks, f"no ```bash block in {doc}"
+    return [(n, [shlex.split(part, comments=True) for line in block.splitlines() if line.strip()
+                 for part in line.split(" && ")]) for n, block in enumerate(blocks)]
+
+
+def plan(doc):
+    """What the test does with each command of doc, in order: [(argv to run or None, the command, why skipped)]."""
+    steps, ran = [], []
+    for _, commands in command_lines(doc):
+        for argv in commands:
+            text = " ".join(argv)
+            why = next((why for part, why in SKIPPED if part in text), None)
+            if why is None and argv in ran:  # the README's quick start already ran it, and says to go on after it
+                why = "ran already, above: running it again into the same folder is refused by design"
+            if why is not None:
+                steps.append((None, text, why))
+                continue
+            assert argv[0] == "python" and argv[1] in ("train.py", "sample.py"), f"{doc}: what is {text!r}?"
+            ran.append(argv)
+            extra = [] if "--help" in argv else TINY_TRAIN if argv[1] == "train.py" else TINY_SAMPLE
+            steps.append(([sys.executable] + argv[1:] + extra, text, None))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def prepared_copy(tmp_path_factory):
+    """The repository's python files and data scripts in a folder, with both datasets prepared once (from
+    $SHAKESPEARE_TXT when set, so offline)."""
+    root = tmp_path_factory.mktemp("prepared")
+    for path in REPO.glob("*.py"):
+        shutil.copy(path, root)
+    shutil.copy(REPO / "requirements.txt", root)
+    for path in (REPO / "data").rglob("*.py"):
+        (root / path.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / path.relative_to(REPO))
+    for dataset in ("shakespeare_char", "shakespeare"):
+        subprocess.run([sys.executable, f"data/{dataset}/prepare.py"], cwd=root, check=True, capture_output=True,
+                       timeout=120)
+    return root
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/usage.md"])
+def test_the_documented_command_sequence_runs_in_the_order_written(doc, prepared_copy, tmp_path):
+    copy = tmp_path / "clone"
+    shutil.copytree(prepared_copy, copy)
+    steps = plan(doc)
+    assert any(argv and argv[1] == "sample.py" for argv, _, _ in steps)  # the test reaches the sampling lines
+    for argv, text, why in steps:
+        if argv is None:
+            print(f"skipped: {text}  ({why})")
+            continue
+        start = time.perf_counter()
+        run = subprocess.run(argv, cwd=copy, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, f"{doc}: `{text}` exited {run.returncode}:\n{run.stdout[-2000:]}{run.stderr}"
+        print(f"ran in {time.perf_counter() - start:.1f} s: {text}")
