@@ -476,18 +476,19 @@ def run_history(out_dir):
     return read_metrics(path)
 
 
-def plot_loss_curves(runs, title="validation loss"):
+def plot_loss_curves(runs, title=None):
     """Validation loss against iterations and against training time (evaluations excluded), one colour per run.
     runs: {label: history}, a history being train.main's result["history"] or run_history(out_dir). A MoD run
     draws two lines: top-k routing (solid, as in training) and causal predictor routing (dashed, as when sampling).
-    Returns the matplotlib figure."""
+    title: a line above both plots, best what was trained and the command that drew it. Returns the figure."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharey=True)
     top = []
     for n, (label, history) in enumerate(runs.items()):
         evals = [r for r in history if r["kind"] == "eval"]
         routed = any("val_predictor" in r for r in evals)
-        for key, style, kind in (("val_topk", "-", ", top-k"), ("val_predictor", "--", ", causal predictor")):
+        for key, style, kind in (("val_topk", "-", ", top-k routing (as in training)"),
+                                 ("val_predictor", "--", ", causal predictor routing (as when sampling)")):
             points = [r for r in evals if key in r]
             if not points:
                 continue
@@ -497,12 +498,14 @@ def plot_loss_curves(runs, title="validation loss"):
             top.append(points[min(1, len(points) - 1)][key])  # zoom in below the untrained model's loss
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("training time (s, evaluations excluded)")
-    axes[0].set_ylabel(title)
+    axes[0].set_ylabel("validation loss (nats per token)")
     if top:
         axes[0].set_ylim(top=max(top) + 0.05)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -527,22 +530,30 @@ def routing_rows(model, idx):
 def plot_routing_map(model, tokenizer, idx, title="routing map", per_line=64, max_tokens=128):
     """The paper's Fig. 5 for one sequence idx (1, T): tokens across, for each routed block a row for top-k's
     choice and a row for the causal predictor's, wrapped per_line tokens to a panel. In the predictor's row, orange
-    marks a token it routes that top-k would not, pink one top-k routes that it skips. Returns the figure."""
+    marks a token it routes that top-k would not, pink one top-k routes that it skips. Under the title, the
+    predictor's precision (of the tokens it routes, how many top-k routes too) and recall (of top-k's tokens, how
+    many it routes) on the tokens shown: not its accuracy, which would count the many tokens both skip. Returns the
+    figure."""
     plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     rows = routing_rows(model, idx)
     tokens = idx[0].tolist()[:max_tokens]
-    grid, labels = [], []
+    grid, labels, scores = [], [], []
     for block, topk, pred in rows:
+        topk, pred = topk[:len(tokens)], pred[:len(tokens)]
         grid.append(topk.long())  # 0 skipped, 1 routed
         grid.append(torch.where(pred == topk, pred.long(), torch.where(pred, 2, 3)))  # 2, 3: disagrees with top-k
         labels += [f"block {block} top-k", f"block {block} predictor"]
-    grid = torch.stack(grid)[:, :len(tokens)]  # (2 x routed blocks, T)
+        both = (pred & topk).sum().item()
+        scores.append(f"block {block} precision {both}/{pred.sum().item()}, recall {both}/{topk.sum().item()}")
+    grid = torch.stack(grid)  # (2 x routed blocks, T)
     colors = ListedColormap(["#f4f4f4", "#2b6cb0", "#f08a24", "#f6b8c8"])
     panels = math.ceil(len(tokens) / per_line)
     width = 0.17 * min(per_line, len(tokens)) + 1.8  # inches
-    height = panels * (0.32 * len(grid) + 0.7) + 0.6
+    columns = 4 if width > 11 else 2  # the legend's
+    legend = 0.17 * (4 // columns + 1) + 0.1  # inches below the panels
+    height = panels * (0.32 * len(grid) + 0.7) + 0.5 + legend
     fig, axes = plt.subplots(panels, 1, figsize=(width, height), squeeze=False)
     for p, ax in enumerate(axes[:, 0]):
         part = slice(p * per_line, (p + 1) * per_line)
@@ -555,12 +566,15 @@ def plot_routing_map(model, tokenizer, idx, title="routing map", per_line=64, ma
         ax.tick_params(length=0)
         for y in range(2, len(labels), 2):
             ax.axhline(y - 0.5, color="white", linewidth=3)
-    axes[0, 0].set_title(title, fontsize=10)
-    fig.legend(handles=[Patch(color=colors(1), label="processed by the block"),
+    axes[0, 0].set_title(f"{title}\npredictor vs top-k on these {len(tokens)} tokens: " + "; ".join(scores),
+                         fontsize=10)
+    fig.legend(handles=[Patch(facecolor=colors(0), edgecolor="#999999", label="skipped: goes around the block"),
+                        Patch(color=colors(1), label="processed by the block"),
                         Patch(color=colors(2), label="predictor routes, top-k would not"),
                         Patch(color=colors(3), label="top-k routes, predictor skips")],
-               loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+               loc="lower center", ncol=columns, fontsize=8, frameon=False, title_fontsize=8,
+               title="a top-k row is grey or blue; a predictor row too where it agrees with top-k")
+    fig.tight_layout(rect=(0, legend / height, 1, 1))
     return fig
 
 
@@ -603,34 +617,56 @@ def plot_routed_tokens(table, blocks, capacity, top=20):
 
 def figures(device, folder=os.path.join(HERE, "figures"), runs_dir=os.path.join(HERE, "bench_runs", "figures"),
             **settings):
-    """python bench.py --figures: the README's two pictures from two trainings (see the top of this file).
+    """python bench.py --figures: the README's two pictures from two trainings (see the top of this file), each
+    titled with its setting and this command; the numbers for their captions go to stderr.
     settings: more train.py settings for both runs (none for the README's pictures)."""
     plt = pyplot(headless=True)  # before training: a missing matplotlib is one line, not minutes later
     os.makedirs(runs_dir, exist_ok=True)
     os.makedirs(folder, exist_ok=True)
+    results = {}
     for label, layout in (("dense", dict(mod_every=0)), ("mod", {})):
         resume = os.path.exists(os.path.join(runs_dir, label, "ckpt.pt"))
         print(f"figures: {'resuming' if resume else 'training'} {label} in {os.path.join(runs_dir, label)} "
               f"(log: {os.path.join(runs_dir, label)}.log) ...", file=sys.stderr)
-        run_training(label, runs_dir, device=device, init_from="resume" if resume else "scratch",
-                     **{**settings, **layout})
+        results[label], _ = run_training(label, runs_dir, device=device, init_from="resume" if resume else "scratch",
+                                         **{**settings, **layout})
     mod_dir = os.path.join(runs_dir, "mod")
+    model, tokenizer = sample.load_model(mod_dir, device)
+    cfg = model.config
+    dataset = settings.get("dataset", train.TrainConfig.dataset)
+    setting = (f"{dataset}, {cfg.n_layer} x {cfg.n_embd}, block {cfg.block_size}, "
+               f"{results['mod']['iter_num']} iterations, one seed; python bench.py --figures")
     fig = plot_loss_curves({"dense": run_history(os.path.join(runs_dir, "dense")), "MoD": run_history(mod_dir)},
-                           title="validation loss, shakespeare_char")
+                           title=f"validation loss of dense and MoD, {setting}")
     paths = [os.path.join(folder, "loss_curves.png"), os.path.join(folder, "routing_map.png")]
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
-    model, tokenizer = sample.load_model(mod_dir, device)
     torch.manual_seed(1337)
     start = torch.tensor([[tokenizer.newline_or_eot]], device=device)
-    ids = model.generate(start, model.config.block_size - 1, temperature=0.8, top_k=200)  # (1, block_size)
-    fig = plot_routing_map(model, tokenizer, ids, title="a sample of the MoD model: the tokens each routed block "
-                                                        "processes")
+    ids = model.generate(start, cfg.block_size - 1, temperature=0.8, top_k=200)  # (1, block_size)
+    fig = plot_routing_map(model, tokenizer, ids, title=f"the tokens each routed block processes in a sample of the "
+                                                        f"MoD model ({setting})")
     fig.savefig(paths[1], dpi=100)
     plt.close(fig)
     for path in paths:
         print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)", file=sys.stderr)
+
+    # the numbers of the captions: final losses, and the predictor against top-k on the sample and on validation text
+    for label, result in results.items():
+        ev = result["eval"]
+        causal = f", {ev['val_predictor']:.4f} causal" if "val_predictor" in ev else ""
+        print(f"figures: {label} val loss {ev['val_topk']:.4f} top-k{causal} after {result['iter_num']} iterations, "
+              f"{result['history'][-1]['time_s']:.0f} s of training", file=sys.stderr)
+    windows = val_windows(settings.get("data_dir") or dataset_dir(dataset), cfg.block_size, 256)[:, 1:]
+    with torch.no_grad():
+        for (block, topk, pred), on_val in zip(routing_rows(model, ids),
+                                               sample.topk_agreement(model, windows.to(device), "predictor")):
+            both = (topk & pred).sum().item()
+            print(f"figures: block {block} predictor vs top-k: on the sample precision {both}/{pred.sum().item()}, "
+                  f"recall {both}/{topk.sum().item()}; on {windows.numel():,} validation tokens precision "
+                  f"{on_val['precision']:.1%}, recall {on_val['recall']:.1%}, routes {on_val['routed']:.1%}",
+                  file=sys.stderr)
     return paths
 
 

@@ -132,6 +132,15 @@ def test_no_cell_exits_the_kernel():
             assert "sys.exit" not in "".join(cell["source"]) and "SystemExit" not in "".join(cell["source"])
 
 
+def test_the_notebook_prose_quotes_no_results():
+    """Every result is printed by a cell from its own run's numbers; the markdown says only what to look for. The
+    only percentages in it: the capacity, and what a predictor that routes nothing would score as accuracy."""
+    notebook = json.loads((REPO / "tutorial.ipynb").read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "markdown":
+            assert set(re.findall(r"\d+(?:\.\d+)?%", "".join(cell["source"]))) <= {"12.5%", "87.5%"}
+
+
 # =============================================================================
 # README.md and docs/usage.md: every python train.py / sample.py line of their ```bash blocks, in the order written,
 # each document in a fresh copy of the repository, at a tiny size
