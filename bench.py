@@ -595,7 +595,7 @@ def routed_token_rates(model, tokenizer, idx, min_count=20):
     return sorted(table, key=lambda row: -row["mean"])
 
 
-def plot_routed_tokens(table, blocks, capacity, top=20):
+def plot_routed_tokens(table, blocks, capacity, top=20, title="the tokens top-k routes most"):
     """Bars of the top most-routed tokens of routed_token_rates(), one bar per routed block; the dashed line is
     the capacity, what every token would get if routing ignored which token it is. Returns the figure."""
     plt = pyplot()
@@ -609,7 +609,7 @@ def plot_routed_tokens(table, blocks, capacity, top=20):
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([row["text"] for row in rows], family="monospace")
     ax.set_ylabel("% of its occurrences routed")
-    ax.set_title("the tokens top-k routes most", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
