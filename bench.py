@@ -46,13 +46,15 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import sample
 import train
 from data.prepare import dataset_dir, load_dataset, prepare_if_missing
 from mod import MoDBlock, MoDConfig, MoDGPT
-from plumbing import ArgumentParser, ConfigError, check_writable, pick_device, read_metrics, require, run_cli
+from plumbing import (ArgumentParser, ConfigError, autocast_for, check_writable, peak_flops, pick_device, pick_dtype,
+                      read_metrics, require, run_cli)
 
 SHAPES = {  # model shape and training batch size (the GPU batch of shakespeare_char is nanoGPT's)
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_cpu=12, batch_gpu=12),
@@ -63,8 +65,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sync(device):
+    """Wait for the GPU the models run on (not merely the current one) to finish what was queued."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten operations a piece of code dispatches (views, which launch nothing, left out): in eager mode
+    on a GPU each is a kernel launch and host time."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def build(shape, mod_every, device, seed=0):
@@ -142,23 +158,14 @@ def measured_flops(model, T, device):
     return counter.get_total_flops()
 
 
-def speed(shape_name, shape, device, dtype, compile_, repeats):
-    B = shape["batch_gpu" if device.startswith("cuda") else "batch_cpu"]
-    T = shape["block_size"]
-    autocast = (contextlib.nullcontext() if dtype == "float32"
-                else torch.autocast(device_type="cuda", dtype=getattr(torch, dtype)))
-    models = {"dense": build(shape, 0, device), "MoD": build(shape, 2, device)}
-    rows = {}
-
-    # training step: forward + backward + AdamW on one batch, for our dense model, MoD and the textbook reference
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, VOCAB, (B, T), generator=gen).to(device)
-    y = torch.randint(0, VOCAB, (B, T), generator=gen).to(device)
+def train_steps(models, x, y, device, autocast, compiled):
+    """One training step (forward, backward, AdamW) per model, as a function; compiled: through torch.compile,
+    warmed up (compiled) here."""
     steps = []
-    for model in (models["dense"], models["MoD"], TextbookGPT(models["dense"])):
+    for model in models:
         model.train()
         opt = train.configure_optimizer(model, train.TrainConfig(learning_rate=1e-4), device.split(":")[0])
-        fwd = torch.compile(model) if compile_ else model
+        fwd = torch.compile(model) if compiled else model
         # as train.py calls the model: the data was checked when it was loaded
         kwargs = {} if isinstance(model, TextbookGPT) else dict(check_input=False)
 
@@ -169,13 +176,60 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(device)
-        for _ in range(3 if compile_ else 1):  # warm-up (compilation)
+        for _ in range(3 if compiled else 1):  # warm-up (and compilation)
             step()
         steps.append(step)
-    step_dense, step_mod, step_textbook = median_times(steps, repeats)
-    rows["train step"] = (milliseconds(step_dense), milliseconds(step_mod), step_dense / step_mod)
-    rows["train step, textbook GPT as dense"] = (milliseconds(step_textbook), milliseconds(step_mod),
-                                                 step_textbook / step_mod)
+    return steps
+
+
+def peak_memory(step, device):
+    """Bytes of GPU memory a training step needs at its peak (None on a CPU, which has no such counter)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return torch.cuda.max_memory_allocated(device)
+
+
+def speed(shape_name, shape, device, dtype, modes, repeats):
+    """The speed table of one shape: for each mode ("eager", "compiled") the training step of dense, MoD and the
+    textbook GPT, with MFU and peak memory where the device tells them; the ops an eager step dispatches; generation
+    at batch 1 and 8; FLOPs; KV cache."""
+    B = shape["batch_gpu" if device.startswith("cuda") else "batch_cpu"]
+    T = shape["block_size"]
+    autocast = autocast_for(dtype, device.split(":")[0])
+    models = {"dense": build(shape, 0, device), "MoD": build(shape, 2, device)}
+    rows, notes = {}, {}
+    peak = peak_flops(0, device)  # known GPUs; None on a CPU
+
+    # training step: forward + backward + AdamW on one batch, for our dense model, MoD and the textbook reference
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (B, T), generator=gen).to(device)
+    y = torch.randint(0, VOCAB, (B, T), generator=gen).to(device)
+    for mode in modes:
+        suffix = "" if mode == "eager" else ", compiled"
+        steps = train_steps([models["dense"], models["MoD"], TextbookGPT(models["dense"])], x, y, device, autocast,
+                            compiled=mode == "compiled")
+        step_dense, step_mod, step_textbook = median_times(steps, repeats)
+        rows[f"train step{suffix}"] = (milliseconds(step_dense), milliseconds(step_mod), step_dense / step_mod)
+        rows[f"train step{suffix}, textbook GPT as dense"] = (milliseconds(step_textbook), milliseconds(step_mod),
+                                                              step_textbook / step_mod)
+        if mode == "eager":
+            notes["textbook"] = step_dense / step_textbook
+            counts = []
+            for step in steps[:2]:
+                with OpCount() as ops:
+                    step()
+                counts.append(ops.count)
+            rows["aten ops per train step (eager)"] = (f"{counts[0]}", f"{counts[1]}", counts[0] / counts[1])
+        if peak:  # forward + backward is ~3x the forward's FLOPs
+            mfu = [3 * m.estimate_flops(T)["total"] * B / t / peak for m, t in zip(models.values(),
+                                                                                (step_dense, step_mod))]
+            rows[f"MFU, train step{suffix}"] = (f"{100 * mfu[0]:.1f}%", f"{100 * mfu[1]:.1f}%", mfu[0] / mfu[1])
+        memory = [peak_memory(step, device) for step in steps[:2]]
+        if memory[0]:
+            rows[f"peak memory, train step{suffix}"] = (f"{memory[0] / 2**20:,.0f} MiB",
+                                                        f"{memory[1] / 2**20:,.0f} MiB", memory[0] / memory[1])
 
     # generation with the KV cache, batch 1 and 8: one token prompt, block_size - 1 new tokens (no re-prefill)
     calibrate_predictors(models["MoD"], device)
@@ -214,6 +268,8 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
         ideal = f"{flop_ratio:.2f}x (FLOPs)"
         if what == "generate, batch 8":
             ideal = f"< {flop_ratio:.2f}x (weights read when any row routes)"
+        if what.startswith(("aten ops", "MFU", "peak memory")):
+            ideal = ""
         lines.append(f"| {what} | {a} | {b} | **{ratio:.2f}x** | {ideal} |")
     lines += [
         f"| forward GFLOPs, estimate | {est['dense']['total'] / 1e9:.3f} | {est['MoD']['total'] / 1e9:.3f} | "
@@ -226,7 +282,7 @@ def speed(shape_name, shape, device, dtype, compile_, repeats):
         "",
         f"MoD routed {100 * routed_frac[1]:.1f}% (batch 1) and {100 * routed_frac[8]:.1f}% (batch 8) of generated "
         f"tokens per routed block (calibrated predictors). Our dense training step takes "
-        f"{step_dense / step_textbook:.3f}x the time of the textbook GPT's.",
+        f"{notes['textbook']:.3f}x the time of the textbook GPT's.",
         ""]
     return lines
 
@@ -681,7 +737,7 @@ def check_args(args, device):
     """Every argument, before the benchmark runs (it takes minutes): one ConfigError that says what to do."""
     for name in ("repeats", "quality_iters", "eval_iters"):
         require(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    require(args.dtype == "float32" or device.startswith("cuda"),
+    require(args.dtype in ("auto", "float32") or device.startswith("cuda"),
             "--dtype bfloat16/float16 is for CUDA GPUs; leave it out on a CPU")
     unknown = set(args.shapes.split(",")) - SHAPES.keys()
     require(not unknown, f"unknown shape(s) {sorted(unknown)}: choose from {', '.join(SHAPES)}")
@@ -699,8 +755,11 @@ def check_args(args, device):
 def main(argv):
     p = ArgumentParser(prog="bench.py", description="Dense vs MoD, side by side (see the top of bench.py).")
     p.add_argument("--device", default="", help="cpu or cuda (default: the best available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the models for the training step")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: what train.py picks (bf16, or fp16 on older GPUs; float32 on a CPU)")
+    p.add_argument("--compile", default="auto", nargs="?", const="yes", choices=["auto", "yes", "no", "both"],
+                   help="torch.compile the training step: yes, no, or both side by side (auto: both on a GPU, where "
+                        "train.py compiles by default, no on a CPU)")
     p.add_argument("--repeats", type=int, default=5, help="repeats per measurement (the median is reported)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)} (cpu: "
                    "nanoGPT's laptop shape, 4 x 128, block 64; shakespeare_char: its GPU shape, 6 x 384, block 256)")
@@ -722,13 +781,16 @@ def main(argv):
 
 
 def run(args, argv, device):
+    dtype = pick_dtype(args.dtype, device)
+    compile_ = args.compile if args.compile != "auto" else "both" if device.startswith("cuda") else "no"
+    modes = {"no": ["eager"], "yes": ["compiled"], "both": ["eager", "compiled"]}[compile_]
     lines = [f"## bench.py on {machine(device)}", "",
              f"`python bench.py {' '.join(argv)}`".replace(" `", "`"), "",
-             f"dtype {args.dtype}{', torch.compile' if args.compile else ''}, median of {args.repeats} interleaved "
-             f"repeats; MoD: capacity 12.5%, every other block routed.", ""]
+             f"dtype {dtype}, training step {' and '.join(modes)}, median of {args.repeats} interleaved repeats; MoD: "
+             f"capacity 12.5%, every other block routed.", ""]
     for name in args.shapes.split(","):
         print(f"speed: {name} ...", file=sys.stderr)
-        lines += speed(name, SHAPES[name], device, args.dtype, args.compile, args.repeats)
+        lines += speed(name, SHAPES[name], device, dtype, modes, args.repeats)
     if args.quality:
         print("quality: training ...", file=sys.stderr)
         log_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_runs")

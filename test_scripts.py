@@ -610,7 +610,7 @@ def test_textbook_reference_computes_what_our_dense_model_computes():
 
 def test_bench_speed_reports_every_measure():
     shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_cpu=2, batch_gpu=2)
-    text = "\n".join(bench.speed("tiny", shape, "cpu", "float32", False, repeats=1))
+    text = "\n".join(bench.speed("tiny", shape, "cpu", "float32", ["eager"], repeats=1))
     for measure in ("| train step |", "| generate, batch 1 |", "| generate, batch 8 |", "forward GFLOPs, estimate",
                     "FlopCounterMode", "KV cache after generating", "| train step, textbook GPT as dense |"):
         assert measure in text
@@ -620,6 +620,20 @@ def test_bench_speed_reports_every_measure():
     textbook_ms = float(re.search(r"\| train step, textbook GPT as dense \| ([\d.]+) ms", text).group(1))
     ratio = float(re.search(r"Our dense training step takes ([\d.]+)x the time of the textbook", text).group(1))
     assert ratio == pytest.approx(dense_ms / textbook_ms, rel=0.05)  # the table rounds to 0.1 ms
+
+
+def test_the_gpu_report_runs_end_to_end_on_a_cpu(monkeypatch):
+    # python bench.py on a GPU: eager and compiled training steps side by side, MFU, the ops a step dispatches
+    monkeypatch.setattr(bench, "peak_flops", lambda peak_tflops, device: 1e12)  # a CPU has no known peak
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_cpu=2, batch_gpu=2)
+    text = "\n".join(bench.speed("tiny", shape, "cpu", "float32", ["eager", "compiled"], repeats=1))
+    for measure in ("| train step |", "| train step, compiled |", "| train step, compiled, textbook GPT as dense |",
+                    "| MFU, train step |", "| MFU, train step, compiled |", "| aten ops per train step (eager) |",
+                    "| generate, batch 8 |"):
+        assert measure in text, measure
+    ops = re.search(r"\| aten ops per train step \(eager\) \| (\d+) \| (\d+) \|", text)
+    dense_ops, mod_ops = int(ops.group(1)), int(ops.group(2))
+    assert dense_ops < mod_ops < 2 * dense_ops  # the router, predictor, top-k, gathers and scatters of MoD
 
 
 def test_bench_figures_draws_two_small_pictures_and_reuses_its_runs(char_data, tmp_path, capsys):
