@@ -65,12 +65,13 @@ class TrainConfig:
     # system
     device: str = ""  # cpu, cuda, cuda:N or mps; "" picks cuda, then mps, then cpu
     dtype: str = "auto"  # float32, bfloat16 or float16 (with a GradScaler); auto: bf16/fp16 on a GPU, fp32 on CPU
-    compile: bool = False  # torch.compile the model: one graph per step, ~2x faster on a GPU; a CPU gains little
+    compile: bool = False  # torch.compile the model: one graph per step, so Python no longer holds a GPU back
     peak_tflops: float = 0.0  # the device's peak, for MFU; 0 means look it up (known GPUs) or print no MFU
     seed: int = 1337  # random seed of the initialisation, the batches and dropout
 
 
 # nanoGPT's settings for shakespeare_char: config/train_shakespeare_char.py on a GPU, its README's laptop line on a CPU
+# (which logs every iteration; every 50th keeps a CPU run's log readable). Compiling is the default on a GPU only.
 GPU_DEFAULTS = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                     max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200, log_interval=10,
                     compile=True)
@@ -278,7 +279,8 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokeniz
                                                                                        last_eval["val_topk"]), signals)
                             if not saved:
                                 raise FloatingPointError(f"non-finite weights at iteration {iter_num}")
-                            print("saved " + " and ".join(saved) + " (best val loss so far)" * (len(saved) == 2))
+                            best = " (best val loss so far)" if len(saved) > 1 else ""
+                            print("saved " + " and ".join(saved) + best)
                 if iter_num >= cfg.max_iters or cfg.eval_only:
                     break
 
@@ -344,7 +346,8 @@ def main(*configs, **overrides):
     TrainConfig / MoDConfig objects or dicts, every field counting but vocab_size (the data's); keywords win.
     Errors (plumbing: ConfigError, DataError, CheckpointError; SystemExit for a NaN loss) say what to do. Returns
     the last evaluation, the iteration reached, checkpoint paths, timings and the history (metrics.jsonl's records);
-    stopped by Ctrl-C or SIGTERM it returns too, with interrupted=True and signal="SIGINT" or "SIGTERM"."""
+    stopped by Ctrl-C, SIGTERM or a closed stdout it returns too, interrupted=True, signal "SIGINT", "SIGTERM" or
+    "SIGPIPE"."""
     settings = merge_settings(configs, overrides, TrainConfig, MoDConfig)
     device, ddp, rank, world_size = setup_device(str(settings.get("device", "")))
     try:
@@ -420,7 +423,7 @@ def parse_args(argv):
                     "Defaults follow the device: nanoGPT's shakespeare_char setting on a GPU, its laptop one on a CPU.",
         epilog="Checkpoints: out_dir/ckpt.pt is the latest state (--init_from=resume continues it), out_dir/best.pt "
                "the lowest validation loss (sample.py loads it). Ctrl-C or SIGTERM: finish the iteration, save "
-               "ckpt.pt, stop. Exit status: 0 done, 1 error, 130 Ctrl-C, 143 SIGTERM.")
+               "ckpt.pt, stop. Exit status: 0 done, 1 error, 130 Ctrl-C, 143 SIGTERM, 141 a closed stdout.")
     return vars(parser.parse_args(argv))
 
 
