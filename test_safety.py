@@ -20,7 +20,7 @@ import train
 from data.prepare import prepare
 from mod import MoDConfig
 from test_scripts import char_data  # noqa: F401 (a fixture)
-from test_scripts import REPO, VERSES, snapshot, start_training, tiny_run, wait_for_line
+from test_scripts import REPO, VERSES, run_cases, snapshot, start_training, tiny_run, wait_for_line
 
 
 def flags(settings):
@@ -157,13 +157,7 @@ def test_every_setting_wrong_on_the_command_line_or_in_a_checkpoint_is_one_line(
                     names.append(f"{script}: {part}.{field.name}={value!r}")
                     # each value is wrong for its field; sample.py reads the model's settings only
                     must_refuse.append(script == "train.py" or part == "model_config")
-    with open(tmp_path / "cases.json", "w") as f:
-        json.dump(cases, f)
-    run = subprocess.run([sys.executable, "-c", "import sys, test_scripts; test_scripts.run_scripts(sys.argv[1])",
-                          str(tmp_path / "cases.json")], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(tmp_path / "cases.json.out") as f:
-        results = json.load(f)
+    results = run_cases(cases, tmp_path)
     assert len(results) == len(names) > 300
     for name, result, refuse in zip(names, results, must_refuse):
         output = result["stdout"] + result["stderr"]

@@ -833,6 +833,17 @@ def run_scripts(cases_path):
         json.dump(results, f)
 
 
+def run_cases(cases, folder, timeout=900):
+    """Run the command lines cases (see run_scripts) in one fresh process; returns what each did."""
+    with open(folder / "cases.json", "w") as f:
+        json.dump(cases, f)
+    run = subprocess.run([sys.executable, "-c", "import sys, test_scripts; test_scripts.run_scripts(sys.argv[1])",
+                          str(folder / "cases.json")], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(folder / "cases.json.out") as f:
+        return json.load(f)
+
+
 # A fault: the command line (the script, relative to the repository unless it starts with a placeholder, and its
 # arguments), the pattern its one error line must match, and what to set up in the case's own folder {dir} first.
 # Placeholders: {dir} the case's folder; {data} a good char dataset and {ckpt} a folder with a good checkpoint
@@ -1093,13 +1104,7 @@ def fault_runs(char_data, tmp_path_factory):
         cases.append(dict(script=str(REPO / script) if not os.path.isabs(script) else script, args=args,
                           cwd=str(case_dir), env={k: fill(v) for k, v in (fault.env or {}).items()},
                           watch=[str(case_dir), str(assets)]))
-    with open(root / "cases.json", "w") as f:
-        json.dump(cases, f)
-    run = subprocess.run([sys.executable, "-c", "import sys, test_scripts; test_scripts.run_scripts(sys.argv[1])",
-                          str(root / "cases.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    with open(root / "cases.json.out") as f:
-        results = json.load(f)
+    results = run_cases(cases, root)
     return {fault.id: (result, read_only) for fault, result in zip(FAULTS, results)}
 
 
