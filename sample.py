@@ -30,7 +30,8 @@ from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError,
                       first_reason, load_checkpoint, pick_device, pick_dtype, require, run_cli)
 
 
-MAX_NEW_TOKENS = 1_000_000  # a sample's length is checked where it enters: far more would exhaust the memory
+MAX_NEW_TOKENS = 1_000_000  # checked where it enters: each new token copies the sequence so far, so far longer
+#                             samples would take hours and finally more memory than there is
 
 
 def load_model(out_dir, device, checkpoint="best"):
@@ -135,8 +136,8 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
     require(routing in ("predictor", "router"),
             f"--routing must be predictor or router (top-k would need the future), got {routing!r}")
     require(num_samples >= 1 and max_new_tokens >= 1, "--num_samples and --max_new_tokens must be >= 1")
-    require(max_new_tokens <= MAX_NEW_TOKENS, f"--max_new_tokens must be at most {MAX_NEW_TOKENS:,} (hours of sampling "
-                                              f"on a CPU), got {max_new_tokens:,}")
+    require(max_new_tokens <= MAX_NEW_TOKENS, f"--max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got "
+                                              f"{max_new_tokens:,}: sample in several runs")
     require(0 <= seed < 2**63, f"--seed must be in [0, 2**63), got {seed}")
     require(color in ("auto", "always", "never"), f"--color must be auto, always or never, got {color!r}")
     device = pick_device(device)
