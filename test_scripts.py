@@ -760,6 +760,8 @@ def test_tutorial_notebook_runs_top_to_bottom_in_a_kernel(tmp_path, monkeypatch)
                   "tokens that skip the block come out bit-identical: True",
                   "positions before 20 changed", "the past is unchanged: True", "val loss", "tokens/s"):
         assert claim in text, claim
+    # at the tiny size each conclusion says that its numbers mean nothing (the size only tests that every cell runs)
+    assert text.count("size tiny: these models are too small") >= 3, text[-2000:]
     # the gradient table: the predictor's loss reaches only the predictor, the LM loss never the predictor
     grads = {line[:20].strip(): [float(v) for v in line[20:].split()] for line in text.splitlines()
              if line.strip().startswith(("predictor BCE", "LM loss"))}
