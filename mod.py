@@ -15,6 +15,9 @@ arXiv 2404.02258 (2024). Read top to bottom:
   Input checks                      one clear ValueError for each bad call
 
 Shapes: B batch, T sequence length, C n_embd, k tokens a routed block processes per sequence.
+
+The next chapter, mode.py, adds mixture-of-experts (MoDE, section 4.3) through MoDConfig's n_experts,
+expert_capacity and mode, which make_block reads.
 """
 
 import math
@@ -409,8 +412,8 @@ class MoDGPT(nn.Module):
                          routed_frac=lm_loss.new_zeros(0))
             self.last_stats = stats
             return lm_loss
-        # All routed blocks at once, flattened side by side: one BCE over them is the mean of the blocks' BCEs (each
-        # holds B * T decisions; a staged MoDE's experts, mode.py, decide over fewer tokens, which weigh as many). Each
+        # All routed blocks at once, flattened side by side: one BCE over every decision, which is the mean of the
+        # blocks' BCEs as each decides for B * T tokens (a staged MoDE's experts, mode.py, decide for fewer). Each
         # target row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled across the batch).
         topk = torch.cat([i.topk.flatten() for i in infos])
         target = topk.float()
@@ -454,7 +457,8 @@ class MoDGPT(nn.Module):
 def to_host(t):
     """A small tensor's values as Python numbers. On a GPU this is a host-device sync: Python waits until the GPU
     has computed everything queued before it. The training step never calls it; cached generation calls it once per
-    routed block per step (see MoDBlock.causal_route), and the tests count the calls."""
+    routed block per step (see MoDBlock.causal_route; a MoDE block of mode.py: once per routing decision), and the
+    tests count the calls."""
     return t.tolist()
 
 

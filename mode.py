@@ -27,6 +27,10 @@ compute behind it, so a token can put its weight there and become less likely to
 expert count and capacity are settings; sampling uses one Predictor per expert (as MoD's, section 3.5), trained by
 BCE against that expert's top-k mask.
 
+Sampling (mod.generate) works as for MoD: at most one host sync (mod.to_host) per routed decision per forward step,
+so n_experts per ExpertBlock and 1 + n_experts per StagedMoDEBlock (1 when MoD routes no token in: its experts do
+not run). An expert that no row routes a token to is skipped.
+
 Shapes: B batch, t tokens reaching the MLP (T, or a staged block's k), C n_embd, E n_experts, k_e tokens per expert.
 """
 
@@ -71,7 +75,7 @@ class Experts(nn.Module):
                 topk = torch.zeros_like(g, dtype=torch.bool).scatter_(1, chosen, True)  # (B, t)
             if self.routing == "topk":
                 processed, order, valid = topk, chosen.sort(dim=1).values, None
-            else:  # causal: the predictor's logit > 0 (or the gate's own, routing="router"), one to_host each
+            else:  # causal: the predictor's logit > 0 (routing="router": the gate's logit), one to_host each
                 processed, order, valid, _ = MoDBlock.causal_route(p if self.routing == "predictor" else logits[..., e])
             self.last_infos.append(RoutingInfo(logits[..., e], p, topk, processed))
             choice = choice + processed.long() * 2 ** e

@@ -1,6 +1,9 @@
 """The specification of Mixture-of-Depths-and-Experts (mode.py): experts with expert-choice routing, staged and
 integrated MoDE, causal sampling with a KV cache, FLOPs, one compiled graph. Tiny models, CPU, seconds."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -243,3 +246,27 @@ def test_config_checks_and_block_types():
         MoDConfig(n_experts=2, expert_capacity=0.0)
     with pytest.raises(ValueError, match="set mod_every >= 1"):
         MoDConfig(n_experts=2, mod_every=0)
+
+
+# -----------------------------------------------------------------------------
+# 8. the experiment of docs/mode.md, at a tiny size
+
+
+def test_the_experiment_runs_at_a_tiny_size(tmp_path):
+    from data.prepare import prepare
+    path = Path(__file__).parent / "experiments" / "mode_experiment.py"
+    spec = importlib.util.spec_from_file_location("mode_experiment", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    (tmp_path / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 300)
+    prepare("shakespeare_char", input_path=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "data"))
+    rows = experiment.run(out_dir=str(tmp_path / "runs"), max_iters=2, seeds=2, n_layer=2, n_head=2, n_embd=16,
+                          block_size=16, batch_size=2, eval_iters=1, data_dir=str(tmp_path / "data"),
+                          plot=importlib.util.find_spec("matplotlib") is not None, predictor_hidden=8)
+    names = [r["model"] for r in rows]
+    assert names == ["dense", "MoE", "MoD", "staged MoDE", "integrated MoDE", "integrated MoDE", "control", "control"]
+    flops = {r["model"]: r["flops"] for r in rows}
+    assert flops["MoD"] < flops["dense"] and flops["staged MoDE"] < flops["MoE"]
+    assert flops["integrated MoDE"] - flops["control"] == 2 * 16 * 16  # only the no-op's gate column differs
+    assert rows[0]["val_causal"] is None and all(r["val_causal"] is not None for r in rows[1:])
+    assert (tmp_path / "runs" / "results.json").exists()
