@@ -270,3 +270,11 @@ def test_the_experiment_runs_at_a_tiny_size(tmp_path):
     assert flops["integrated MoDE"] - flops["control"] == 2 * 16 * 16  # only the no-op's gate column differs
     assert rows[0]["val_causal"] is None and all(r["val_causal"] is not None for r in rows[1:])
     assert (tmp_path / "runs" / "results.json").exists()
+
+
+def test_show_routing_marks_the_expert_each_token_took():
+    from sample import mark, render_routing
+    # bit e: expert e; bit 3 (n_experts): went through a staged block; a MoD block's bools keep their '^'
+    assert [mark(v, 3) for v in (0, 1, 2, 4, 5, 8, 8 + 2, True, False)] == [" ", "0", "1", "2", "+", ".", "1", "^", " "]
+    assert render_routing(["a", "b", "c"], [[0, 2, 5]], [1], color=False, n_experts=3).splitlines() == [
+        "         abc", "block 1   1+"]
