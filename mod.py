@@ -15,6 +15,9 @@ arXiv 2404.02258 (2024). Read top to bottom:
   Input checks                      one clear ValueError for each bad call
 
 Shapes: B batch, T sequence length, C n_embd, k tokens a routed block processes per sequence.
+
+The next chapter, mode.py, adds mixture-of-experts (MoDE, section 4.3) through MoDConfig's n_experts,
+expert_capacity and mode, which make_block reads.
 """
 
 import math
@@ -46,6 +49,10 @@ class MoDConfig:
     router_aux_loss: float = 0.0  # weight of the BCE that makes the router itself causal (paper's method 1)
     router: str = "learned"  # "learned", or "random": top-k on Gaussian noise (the paper's control)
     predictor_hidden: int = 64  # hidden width of the causal Predictor MLP (the paper gives none)
+    # --- Mixture-of-Depths-and-Experts (the next chapter, mode.py) ---
+    n_experts: int = 0  # MLP experts in each routed block (mode.py); 0 = the MoD block with its dense MLP
+    expert_capacity: float = 0.25  # fraction of the tokens reaching an expert MLP that each expert processes
+    mode: str = ""  # with n_experts: "" = experts only (MoE), "staged" or "integrated" MoDE (paper section 4.3)
 
     def __post_init__(self):
         self.validate()
@@ -58,7 +65,7 @@ class MoDConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "predictor_hidden"):
             value = getattr(self, name)
             need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        for name in ("dropout", "capacity", "router_aux_loss"):  # "0.5" (a string) or True is no number
+        for name in ("dropout", "capacity", "router_aux_loss", "expert_capacity"):  # "0.5" or True is no number
             value = getattr(self, name)
             need(_is_number(value) and math.isfinite(value), f"{name} must be a number, got {value!r}")
         need(isinstance(self.bias, bool), f"bias must be True or False, got {self.bias!r}")
@@ -75,6 +82,14 @@ class MoDConfig:
              f"router_weight must be 'sigmoid' or 'raw', got {self.router_weight!r}")
         need(self.router in ("learned", "random"), f"router must be 'learned' or 'random', got {self.router!r}")
         need(self.router_aux_loss >= 0, f"router_aux_loss must be >= 0, got {self.router_aux_loss!r}")
+        need(_is_int(self.n_experts) and self.n_experts >= 0, f"n_experts must be an integer >= 0, got "
+             f"{self.n_experts!r}")
+        need(0.0 < self.expert_capacity <= 1.0, f"expert_capacity must be in (0, 1], got {self.expert_capacity!r}")
+        need(self.mode in ("", "staged", "integrated"),
+             f"mode must be '', 'staged' or 'integrated', got {self.mode!r}")
+        need(self.mode == "" or self.n_experts >= 1, f"mode={self.mode!r} needs experts: set n_experts >= 1")
+        need(self.n_experts == 0 or self.mod_every >= 1,
+             "n_experts > 0 puts experts in the routed blocks: set mod_every >= 1")
 
     def is_routed(self, i):
         """Is block i a routed (MoD) block? Every mod_every-th block is, never the first one."""
@@ -268,7 +283,8 @@ class MoDBlock(nn.Module):
         # 3 seeds (docs/results.md). With raw r a routed token can get a negative weight.
         return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
 
-    def causal_route(self, logits):
+    @staticmethod  # mode.py's experts route causally by the same rule
+    def causal_route(logits):
         """Causal routing (section 3.5): each token decides alone, from its own logit (B, T): the predictor's, or
         the router's once it has been trained with router_aux_loss. Returns processed (B, T) bool, the tokens that
         go through the block; order (B, k), each row's routed positions first, padded up to k, the most any row
@@ -297,6 +313,16 @@ class MoDBlock(nn.Module):
 ROUTING_MODES = ("topk", "predictor", "router")  # forward's routing: training's top-k, or causal (for sampling)
 
 
+def make_block(config, i):
+    """Block i: dense, a MoDBlock, or (with n_experts) a block of the next chapter, mode.py."""
+    if not config.is_routed(i):
+        return Block(config)
+    if config.n_experts == 0:
+        return MoDBlock(config)
+    import mode  # here, not at the top: mode.py is built from this file's pieces
+    return mode.make_block(config)
+
+
 class MoDGPT(nn.Module):
 
     def __init__(self, config):
@@ -307,8 +333,7 @@ class MoDGPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([MoDBlock(config) if config.is_routed(i) else Block(config)
-                             for i in range(config.n_layer)]),
+            h=nn.ModuleList([make_block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -362,13 +387,13 @@ class MoDGPT(nn.Module):
         self.last_routing = []
         for i, block in enumerate(self.transformer.h):
             layer_cache = None if cache is None else cache.layers[i]
-            if isinstance(block, MoDBlock):
-                x, info = block(x, routing, layer_cache)
-                infos.append(info)
-                self.last_routing.append(info.processed)
-            else:
+            if isinstance(block, Block):  # dense
                 x = block(x, layer_cache)
                 self.last_routing.append(None)
+            else:  # routed: a MoDBlock gives one RoutingInfo; a MoDE block (mode.py) a list, one per decision
+                x, info = block(x, routing, layer_cache)
+                infos.extend(info if isinstance(info, list) else [info])
+                self.last_routing.append(block.last_choice if isinstance(info, list) else info.processed)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -387,21 +412,23 @@ class MoDGPT(nn.Module):
                          routed_frac=lm_loss.new_zeros(0))
             self.last_stats = stats
             return lm_loss
-        # All routed blocks at once, (n_routed, B, T): one BCE over them is the mean of the blocks' BCEs. Each target
-        # row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled across the batch).
-        topk = torch.stack([i.topk for i in infos])
+        # All routed blocks at once, flattened side by side: one BCE over every decision, which is the mean of the
+        # blocks' BCEs as each decides for B * T tokens (a staged MoDE's experts, mode.py, decide for fewer). Each
+        # target row is the top-k mask of its own sequence (built per row in MoDBlock, never pooled across the batch).
+        topk = torch.cat([i.topk.flatten() for i in infos])
         target = topk.float()
-        predictor_logits = torch.stack([i.predictor_logits for i in infos])
+        predictor_logits = torch.cat([i.predictor_logits.flatten() for i in infos])
         predictor_loss = F.binary_cross_entropy_with_logits(predictor_logits, target)
         loss = lm_loss + predictor_loss
         if self.config.router_aux_loss > 0:  # the paper's method 1: the router's own BCE makes it causal
-            router_loss = F.binary_cross_entropy_with_logits(torch.stack([i.router_logits for i in infos]), target)
+            router_loss = F.binary_cross_entropy_with_logits(torch.cat([i.router_logits.flatten() for i in infos]),
+                                                             target)
             loss = loss + self.config.router_aux_loss * router_loss
             stats["router_loss"] = router_loss.detach()
         with torch.no_grad():  # for the log
             stats.update(predictor_loss=predictor_loss.detach(),
                          predictor_acc=((predictor_logits > 0) == topk).float().mean(),
-                         routed_frac=torch.stack([i.processed for i in infos]).float().mean((1, 2)))  # per block
+                         routed_frac=torch.stack([i.processed.float().mean() for i in infos]))  # per decision
         self.last_stats = stats
         return loss
 
@@ -430,7 +457,8 @@ class MoDGPT(nn.Module):
 def to_host(t):
     """A small tensor's values as Python numbers. On a GPU this is a host-device sync: Python waits until the GPU
     has computed everything queued before it. The training step never calls it; cached generation calls it once per
-    routed block per step (see MoDBlock.causal_route), and the tests count the calls."""
+    routed block per step (see MoDBlock.causal_route; a MoDE block of mode.py: once per routing decision), and the
+    tests count the calls."""
     return t.tolist()
 
 
@@ -516,9 +544,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, routing="p
     check_generate(model, idx, max_new_tokens, temperature, top_k, routing)  # reads the prompt's ids once
     B, T0 = idx.shape
     window = model.config.block_size
-    routed = [isinstance(b, MoDBlock) for b in model.transformer.h]
-    seen = [torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool, device=idx.device) if r else None
-            for r in routed]
+    # per routed block (B, T0 + max_new_tokens): bool for a MoDBlock, a MoDE block's expert codes (mode.py)
+    seen = [None if isinstance(b, Block) else torch.zeros(B, T0 + max_new_tokens, device=idx.device,
+                                                          dtype=torch.long if hasattr(b, "last_choice") else torch.bool)
+            for b in model.transformer.h]
 
     def run(start, end, cache):  # feed idx[:, start:end] and record which tokens each routed block processed
         logits, _ = model(idx[:, start:end], routing=routing, cache=cache, check_input=False)
@@ -587,6 +616,11 @@ def estimate_flops(model, T):
     blocks_linear = blocks_attention = routing = 0
     for block in model.transformer.h:
         n = T
+        if hasattr(block, "estimate_flops"):  # a MoDE block (mode.py) counts its own FLOPs
+            flops = block.estimate_flops(T)
+            blocks_linear, blocks_attention = blocks_linear + flops["linear"], blocks_attention + flops["attention"]
+            routing += flops["routing"]
+            continue
         if isinstance(block, MoDBlock):
             n = tokens_routed(cfg.capacity, T)
             routing += T * (2 * C + 2 * C * H + 2 * H)  # router C -> 1, predictor C -> H -> 1, on every token

@@ -73,15 +73,26 @@ def encode_prompt(start, tokenizer, block_size):
 # what the routing looked like
 
 
-def render_routing(pieces, rows, names, color):
-    """Text with the routing under it. pieces: each token's text; rows: per routed block, a list of bools per token.
-    Plain: under each line of text, one row per routed block with '^' under the tokens it processed.
+def mark(value, n_experts):
+    """The mark under a token: '^' if a MoD block processed it. In a MoDE block (mode.py; value: bit e for expert e,
+    bit n_experts for "went through a staged block") the expert that took it, '+' for several, '.' for the block
+    without an expert, ' ' for none (it skipped the block, or its weight went to the no-op and no expert took it)."""
+    if isinstance(value, bool):
+        return "^" if value else " "
+    experts = [e for e in range(n_experts) if value >> e & 1]
+    return str(experts[0]) if len(experts) == 1 else "+" if experts else "." if value else " "
+
+
+def render_routing(pieces, rows, names, color, n_experts=0):
+    """Text with the routing under it. pieces: each token's text; rows: per routed block, a list of bools per token
+    (ints for MoDE blocks, see mark). Plain: under each line of text, one row per routed block with '^' under the
+    tokens it processed (a MoDE block: the expert).
     Colour: each token shaded by how many routed blocks it went through (darker = more compute)."""
     if color:
         shades = ["", "\033[48;5;153m", "\033[48;5;111m", "\033[48;5;69m", "\033[48;5;27m"]
         out = []
         for t, piece in enumerate(pieces):
-            depth = min(sum(row[t] for row in rows), len(shades) - 1)
+            depth = min(sum(bool(row[t]) for row in rows), len(shades) - 1)
             text = piece.replace("\n", "\u21b5\n") if depth else piece  # show a routed newline
             out.append(f"{shades[depth]}{text}\033[0m" if depth else text)
         legend = "  ".join(f"{shades[d]} {d} \033[0m" for d in range(1, min(len(rows), len(shades) - 1) + 1))
@@ -97,7 +108,7 @@ def render_routing(pieces, rows, names, color):
     for t, piece in enumerate(pieces):
         for ch in piece:
             for b, row in enumerate(rows):
-                marks[b] += "^" if row[t] else " "
+                marks[b] += mark(row[t], n_experts)
             if ch == "\n":  # the newline's mark sits one past the end of its line
                 flush()
                 text, marks = "", [""] * len(rows)
@@ -180,7 +191,7 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
         if show_routing and blocks:
             pieces = [tokenizer.decode([t]) for t in tokens]
             rows = [routing_seen[n][b].tolist() for n in blocks]
-            print(render_routing(pieces, rows, blocks, use_color))
+            print(render_routing(pieces, rows, blocks, use_color, cfg.n_experts))
         else:
             print(samples[-1])
         print("---------------")
@@ -201,11 +212,20 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
             agreement = topk_agreement(model, out, routing)
         print(f"routing per block (trained capacity {cfg.capacity:.1%}); agreement with top-k on the last "
               f"{min(out.size(1), cfg.block_size)} tokens:")
+        if cfg.n_experts:  # MoDE (mode.py): one routing decision per expert (and MoD's in a staged block)
+            decisions = (["MoD"] if cfg.mode == "staged" else []) + [f"expert {e}" for e in range(cfg.n_experts)]
+            for i, stats in enumerate(agreement):
+                name = f"block {blocks[i // len(decisions)]} {decisions[i % len(decisions)]}"
+                print(f"  {name}: causal routing took {stats['routed']:.1%} of the last window's tokens there; "
+                      f"agreement {stats['agreement']:.1%}, precision {stats['precision']:.1%}, "
+                      f"recall {stats['recall']:.1%}")
+            agreement = agreement[::len(decisions)]  # below: each block's share of tokens, and its first decision
         for n, stats in zip(blocks, agreement):
-            routed = routing_seen[n][generated].float().mean().item() if generated.any() else 0.0
+            routed = (routing_seen[n][generated] != 0).float().mean().item() if generated.any() else 0.0
             report["blocks"].append(dict(block=n, routed_while_sampling=routed, **stats))
-            print(f"  block {n}: routed {routed:.1%} of {int(generated.sum())} generated tokens; agreement "
-                  f"{stats['agreement']:.1%}, precision {stats['precision']:.1%}, recall {stats['recall']:.1%}")
+            print(f"  block {n}: routed {routed:.1%} of {int(generated.sum())} generated tokens" + (
+                  f"; agreement {stats['agreement']:.1%}, precision {stats['precision']:.1%}, recall "
+                  f"{stats['recall']:.1%}" if not cfg.n_experts else " (MoDE: through the block or to some expert)"))
     return report
 
 

@@ -404,6 +404,11 @@ def setup_and_train(settings, device, rank, world_size):
     if rank == 0:
         kind = (f"MoD, capacity {model_cfg.capacity}, routed blocks {model_cfg.routed_blocks()}, router "
                 f"{model_cfg.router}/{model_cfg.router_weight}" if model_cfg.routed_blocks() else "dense baseline")
+        if model_cfg.n_experts:  # mode.py: experts in the routed blocks
+            kind = (f"{dict(staged='staged MoDE', integrated='integrated MoDE').get(model_cfg.mode, 'MoE')}, "
+                    f"{model_cfg.n_experts} experts at capacity {model_cfg.expert_capacity} in blocks "
+                    f"{model_cfg.routed_blocks()}" + (f", MoD capacity {model_cfg.capacity}"
+                                                      if model_cfg.mode == "staged" else ""))
         print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, device "
               f"{device}, {dtype}, {cfg.gradient_accumulation_steps * cfg.batch_size * model_cfg.block_size:,} "
               f"tokens per iteration")
