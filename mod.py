@@ -12,7 +12,7 @@ arXiv 2404.02258 (2024). Read top to bottom:
   MoDGPT                            embeddings, blocks, head, losses
   Generation                        to_host (the one host-device sync), KVCache, Cache, generate
   estimate_flops                    FLOPs of one forward pass, dense and routed blocks
-  Input checks                      one clear ValueError for each bad call
+  Input checks                      one clear ValueError for each bad call, MoDConfig's checks too
 
 Shapes: B batch, T sequence length, C n_embd, k tokens a routed block processes per sequence.
 
@@ -58,38 +58,9 @@ class MoDConfig:
         self.validate()
 
     def validate(self):
-        """Raise one clear ValueError for a configuration that cannot work, saying how to fix it."""
-        def need(ok, message):
-            if not ok:
-                raise ValueError(f"MoDConfig: {message}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "predictor_hidden"):
-            value = getattr(self, name)
-            need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        for name in ("dropout", "capacity", "router_aux_loss", "expert_capacity"):  # "0.5" or True is no number
-            value = getattr(self, name)
-            need(_is_number(value) and math.isfinite(value), f"{name} must be a number, got {value!r}")
-        need(isinstance(self.bias, bool), f"bias must be True or False, got {self.bias!r}")
-        need(self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): change one of them")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
-        need(0.0 < self.capacity <= 1.0,
-             f"capacity must be in (0, 1] (the fraction of tokens a routed block processes; "
-             f"the paper's best is 0.125), got {self.capacity!r}")
-        need(_is_int(self.mod_every) and self.mod_every >= 0,
-             f"mod_every must be an integer >= 0 (2 routes every other block, 0 gives the dense baseline), "
-             f"got {self.mod_every!r}")
-        need(self.router_weight in ("sigmoid", "raw"),
-             f"router_weight must be 'sigmoid' or 'raw', got {self.router_weight!r}")
-        need(self.router in ("learned", "random"), f"router must be 'learned' or 'random', got {self.router!r}")
-        need(self.router_aux_loss >= 0, f"router_aux_loss must be >= 0, got {self.router_aux_loss!r}")
-        need(_is_int(self.n_experts) and self.n_experts >= 0, f"n_experts must be an integer >= 0, got "
-             f"{self.n_experts!r}")
-        need(0.0 < self.expert_capacity <= 1.0, f"expert_capacity must be in (0, 1], got {self.expert_capacity!r}")
-        need(self.mode in ("", "staged", "integrated"),
-             f"mode must be '', 'staged' or 'integrated', got {self.mode!r}")
-        need(self.mode == "" or self.n_experts >= 1, f"mode={self.mode!r} needs experts: set n_experts >= 1")
-        need(self.n_experts == 0 or self.mod_every >= 1,
-             "n_experts > 0 puts experts in the routed blocks: set mod_every >= 1")
+        """Raise one clear ValueError for a configuration that cannot work, saying how to fix it (the checks are
+        with the other input checks, at the end of the file)."""
+        check_config(self)
 
     def is_routed(self, i):
         """Is block i a routed (MoD) block? Every mod_every-th block is, never the first one."""
@@ -712,3 +683,38 @@ def check_generate(model, idx, max_new_tokens, temperature, top_k, routing):
     prompt = idx[:, -model.config.block_size:] if isinstance(idx, torch.Tensor) and idx.dim() == 2 else idx
     check_call(model, prompt, None, routing, None)  # its last block_size tokens: generate crops the rest
     check_token_ids(model.config.vocab_size, idx, None)
+
+
+def check_config(config):
+    """MoDConfig.validate: every field of a MoDConfig, one clear ValueError for the first that cannot work."""
+    def need(ok, message):
+        if not ok:
+            raise ValueError(f"MoDConfig: {message}")
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "predictor_hidden"):
+        value = getattr(config, name)
+        need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+    for name in ("dropout", "capacity", "router_aux_loss", "expert_capacity"):  # "0.5" or True is no number
+        value = getattr(config, name)
+        need(_is_number(value) and math.isfinite(value), f"{name} must be a number, got {value!r}")
+    need(isinstance(config.bias, bool), f"bias must be True or False, got {config.bias!r}")
+    need(config.n_embd % config.n_head == 0,
+         f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): change one of them")
+    need(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout!r}")
+    need(0.0 < config.capacity <= 1.0,
+         f"capacity must be in (0, 1] (the fraction of tokens a routed block processes; "
+         f"the paper's best is 0.125), got {config.capacity!r}")
+    need(_is_int(config.mod_every) and config.mod_every >= 0,
+         f"mod_every must be an integer >= 0 (2 routes every other block, 0 gives the dense baseline), "
+         f"got {config.mod_every!r}")
+    need(config.router_weight in ("sigmoid", "raw"),
+         f"router_weight must be 'sigmoid' or 'raw', got {config.router_weight!r}")
+    need(config.router in ("learned", "random"), f"router must be 'learned' or 'random', got {config.router!r}")
+    need(config.router_aux_loss >= 0, f"router_aux_loss must be >= 0, got {config.router_aux_loss!r}")
+    need(_is_int(config.n_experts) and config.n_experts >= 0, f"n_experts must be an integer >= 0, got "
+         f"{config.n_experts!r}")
+    need(0.0 < config.expert_capacity <= 1.0, f"expert_capacity must be in (0, 1], got {config.expert_capacity!r}")
+    need(config.mode in ("", "staged", "integrated"),
+         f"mode must be '', 'staged' or 'integrated', got {config.mode!r}")
+    need(config.mode == "" or config.n_experts >= 1, f"mode={config.mode!r} needs experts: set n_experts >= 1")
+    need(config.n_experts == 0 or config.mod_every >= 1,
+         "n_experts > 0 puts experts in the routed blocks: set mod_every >= 1")

@@ -758,7 +758,8 @@ def test_tutorial_notebook_runs_top_to_bottom_in_a_kernel(tmp_path, monkeypatch)
     text = "".join(o.get("text", "") for cell in code for o in cell.outputs if o.output_type == "stream")
     for claim in ("the block processed exactly the top-k tokens: True",
                   "tokens that skip the block come out bit-identical: True",
-                  "positions before 20 changed", "the past is unchanged: True", "val loss", "tokens/s"):
+                  "positions before 20 changed", "the past is unchanged: True", "val loss", "tokens/s",
+                  "each expert processed exactly k tokens per row: True"):
         assert claim in text, claim
     # at the tiny size each conclusion says that its numbers mean nothing (the size only tests that every cell runs)
     assert text.count("size tiny: these models are too small") >= 3, text[-2000:]
