@@ -3,11 +3,15 @@ The plumbing of the scripts: what train.py, sample.py, bench.py and data/prepare
 run, none of which is about Mixture-of-Depths (that is mod.py, with train.py and sample.py). Read in this order:
 
   errors            ConfigError, DataError, CheckpointError: messages that say what is wrong and what to do
-  command lines     ArgumentParser, config_parser, resolve_config, check_train_config, pick_device, run_cli
+  settings          ArgumentParser, config_parser (--help from the fields' comments), resolve_config,
+                    check_train_config
+  devices           pick_device, on_first_process and parameters_without_gradient (DDP), pick_dtype, autocast_for,
+                    allow_tf32
+  command lines     run_cli: one line for any error (the unexpected too), exit statuses, SIGTERM, closed pipes
   files             write_atomically, check_writable
-  checkpoints       Checkpoints: ckpt.pt and best.pt, the whole checkpoint policy in one place
-  signals           StopSignals: Ctrl-C and SIGTERM finish the iteration and save
-  metrics           Metrics (metrics.jsonl), read_metrics, peak_flops
+  checkpoints       Checkpoints: ckpt.pt and best.pt, the whole checkpoint policy in one place, and the out_dir lock
+  signals           StopSignals: Ctrl-C, SIGTERM and a closed stdout finish the iteration and save
+  metrics           Clock, Metrics (metrics.jsonl), read_metrics, peak_flops
 
 torch is imported only inside the functions that need it, so that preparing data never imports it.
 """
@@ -65,7 +69,7 @@ def first_reason(error):
 
 
 # -----------------------------------------------------------------------------
-# command lines
+# settings: the flags, --help, and the layers of defaults, checkpoint and user
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -255,6 +259,10 @@ def check_train_config(cfg):
     require(0 <= cfg.seed < 2**63, f"--seed must be in [0, 2**63), got {cfg.seed}")
 
 
+# -----------------------------------------------------------------------------
+# devices: which one, DDP's shared verdicts, mixed precision
+
+
 def pick_device(requested):
     """The device to run on: the one asked for, checked, or the best available (cuda, then mps, then cpu)."""
     import torch
@@ -344,6 +352,10 @@ def allow_tf32():
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# -----------------------------------------------------------------------------
+# command lines: one line for any error, exit statuses, SIGTERM, closed pipes
 
 
 def describe_os_error(e):
