@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sample
 import train
 from data.prepare import dataset_dir, load_dataset, prepare_if_missing
-from mod import MoDBlock, MoDConfig, MoDGPT
+from mod import MoDBlock, MoDConfig, MoDGPT, confusion, predictor_scores
 from plumbing import (ArgumentParser, ConfigError, autocast_for, check_writable, peak_flops, pick_device, pick_dtype,
                       read_metrics, require, run_cli)
 
@@ -345,23 +345,24 @@ def last_vs_middle(losses):
 
 @torch.no_grad()
 def routing_accuracy(model, windows, routing="topk", rule="predictor", batch=64):
-    """Per routed block: how often a causal rule (rule="predictor": predictor logit > 0; "router": router logit > 0)
-    decides as the block's top-k does on the same input, with every routed block routed by `routing`; and the share
-    of tokens the block processed. Under routing="topk" this is the accuracy training reports. Under a causal
-    routing each block's input comes from earlier blocks that routed causally, as when sampling, and the top-k it
-    is compared with is what the block's router picks on that input. Returns (accuracies, routed shares)."""
+    """Per routed block: how well a causal rule (rule="predictor": predictor logit > 0; "router": router logit > 0)
+    matches the block's top-k on the same input (mod.predictor_scores: accuracy, balanced accuracy, precision,
+    recall), with every routed block routed by `routing`; and the share of tokens the block processed. Under
+    routing="topk" these are the scores training reports. Under a causal routing each block's input comes from
+    earlier blocks that routed causally, as when sampling, and the top-k it is compared with is what the block's
+    router picks on that input. Returns (one dict of scores per routed block, routed shares)."""
     model.eval()
     device = model.lm_head.weight.device
     blocks = [b for b in model.transformer.h if isinstance(b, MoDBlock)]
-    right, routed, n = torch.zeros(len(blocks)), torch.zeros(len(blocks)), 0
+    counts, routed, n = [0] * len(blocks), torch.zeros(len(blocks)), 0
     for w in windows.split(batch):
         model(w[:, :-1].to(device), routing=routing)
         for j, info in enumerate(model.last_infos):  # one RoutingInfo per routed block
             logits = info.predictor_logits if rule == "predictor" else info.router_logits
-            right[j] += ((logits > 0) == info.topk).sum().item()
+            counts[j] = counts[j] + confusion(logits > 0, info.topk).cpu()
             routed[j] += info.processed.sum().item()
         n += w[:, :-1].numel()
-    return (right / n).tolist(), (routed / n).tolist()
+    return [predictor_scores(c) for c in counts], (routed / n).tolist()
 
 
 def run_training(label, log_dir, **settings):
@@ -400,6 +401,11 @@ def quality_run(label, log_dir, windows, causal=(), **settings):
 
 def percents(values):
     return " / ".join(f"{100 * v:.1f}" for v in values)
+
+
+def score_percents(scores):
+    """Per block "accuracy (balanced accuracy)", in percent: accuracy alone flatters (mod.predictor_scores)."""
+    return " / ".join(f"{100 * s['accuracy']:.1f} ({100 * s['balanced']:.1f})" for s in scores)
 
 
 def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, full):
@@ -446,7 +452,7 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
              f"{iters} iterations unless noted; {len(windows):,} validation windows of {T} tokens",
              "",
              "| run | iterations | forward FLOPs vs dense | val loss, top-k | vs dense (paired) | val loss, causal | "
-             "causal gap | causal rule's accuracy per routed block (%), top-k inputs | the same, causal inputs | "
+             "causal gap | causal rule's accuracy (balanced accuracy) per routed block (%), top-k inputs | the same, causal inputs | "
              "routed when causal (%) | ms/iter | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, (run, run_flops) in runs.items():
@@ -464,8 +470,9 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
             if routing == "router":  # a second causal rule of the same model: a row of its own
                 start, end = f"| {label}: causal rule router > 0 | | | | | ", " | | |"
             lines.append(start + f"{causal_loss:.4f} | {100 * (causal_loss / L.mean() - 1):+.2f}% | "
-                         f"{percents(run['accuracy'][routing, 'topk'])} | "
-                         f"{percents(run['accuracy'][routing, routing])} | {percents(run['routed'][routing])}" + end)
+                         f"{score_percents(run['accuracy'][routing, 'topk'])} | "
+                         f"{score_percents(run['accuracy'][routing, routing])} | {percents(run['routed'][routing])}"
+                         + end)
 
     # what the routed blocks are worth: the shallow control is the MoD model without them
     shallow = next(run for label, (run, _) in runs.items() if label.startswith("shallow"))["losses"]["topk"].mean()
@@ -721,7 +728,8 @@ def figures(device, folder=os.path.join(HERE, "figures"), runs_dir=os.path.join(
             both = (topk & pred).sum().item()
             print(f"figures: block {block} predictor vs top-k: on the sample precision {both}/{pred.sum().item()}, "
                   f"recall {both}/{topk.sum().item()}; on {windows.numel():,} validation tokens precision "
-                  f"{on_val['precision']:.1%}, recall {on_val['recall']:.1%}, routes {on_val['routed']:.1%}",
+                  f"{on_val['precision']:.1%}, recall {on_val['recall']:.1%}, balanced accuracy "
+                  f"{on_val['balanced']:.1%}, routes {on_val['routed']:.1%}",
                   file=sys.stderr)
     return paths
 

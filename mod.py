@@ -45,7 +45,7 @@ class MoDConfig:
     # --- Mixture-of-Depths ---
     capacity: float = 0.125  # fraction of each sequence's tokens that a routed block processes
     mod_every: int = 2  # route every mod_every-th block (1, 3, 5, ... for 2); block 0 is always dense; 0 = plain GPT
-    router_weight: str = "raw"  # what multiplies the block's update: "raw" -> r (Eq. 1), "sigmoid" -> sigmoid(r)
+    router_weight: str = "raw"  # the update's multiplier: "raw" r (Eq. 1), "sigmoid" sigmoid(r), "one" (random router only)
     router_aux_loss: float = 0.0  # weight of the BCE that makes the router itself causal (paper's method 1)
     router: str = "learned"  # "learned", or "random": top-k on Gaussian noise (the paper's control)
     predictor_hidden: int = 64  # hidden width of the causal Predictor MLP (the paper gives none)
@@ -251,7 +251,11 @@ class MoDBlock(nn.Module):
     def weight(self, r):
         # Eq. 1 multiplies by raw r; the paper's figures show weights in [0, 1] (sigmoid). We keep raw r, which
         # measured better: the causal-vs-top-k loss gap was 0.02-0.24% with raw r and 0.7-1.5% with sigmoid over
-        # 3 seeds (docs/results.md). With raw r a routed token can get a negative weight.
+        # 3 seeds (docs/results.md). With raw r a routed token can get a negative weight. "one" (no weight) is for
+        # the random control only: it separates random *selection* from a random *weight* (a learned router would
+        # get no gradient, so the config checks refuse it there).
+        if self.router_weight == "one":
+            return torch.ones_like(r)
         return torch.sigmoid(r) if self.router_weight == "sigmoid" else r
 
     @staticmethod  # mode.py's experts route causally by the same rule
@@ -379,7 +383,7 @@ class MoDGPT(nn.Module):
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         stats = dict(lm_loss=lm_loss.detach())
         if not infos:  # a dense model has no routing
-            stats.update(predictor_loss=lm_loss.new_zeros(()), predictor_acc=lm_loss.new_zeros(()),
+            stats.update(predictor_loss=lm_loss.new_zeros(()), predictor_counts=lm_loss.new_zeros(4),
                          routed_frac=lm_loss.new_zeros(0))
             self.last_stats = stats
             return lm_loss
@@ -398,7 +402,7 @@ class MoDGPT(nn.Module):
             stats["router_loss"] = router_loss.detach()
         with torch.no_grad():  # for the log
             stats.update(predictor_loss=predictor_loss.detach(),
-                         predictor_acc=((predictor_logits > 0) == topk).float().mean(),
+                         predictor_counts=confusion(predictor_logits > 0, topk),  # predictor_scores reads it
                          routed_frac=torch.stack([i.processed.float().mean() for i in infos]))  # per decision
         self.last_stats = stats
         return loss
@@ -604,6 +608,31 @@ def estimate_flops(model, T):
 
 
 # -----------------------------------------------------------------------------
+# Measuring a causal rule against top-k
+
+
+def confusion(decided, topk):
+    """A causal rule's decisions against top-k's (bool tensors of one shape), as counts on the device (no sync):
+    (routed by both, by the rule only, by top-k only, by neither)."""
+    return torch.stack([(decided & topk).sum(), (decided & ~topk).sum(), (~decided & topk).sum(),
+                        (~decided & ~topk).sum()]).float()
+
+
+def predictor_scores(counts):
+    """How well a causal rule matches top-k, from confusion() counts (summed over batches if you like). Accuracy
+    alone flatters it: at 12.5% capacity a rule that routes nothing is right on 87.5% of the tokens. Precision,
+    recall and balanced accuracy look at the routed tokens: balanced accuracy is 50% for a rule that routes nothing
+    (or everything), whatever the capacity. Returns a dict of floats in [0, 1]."""
+    both, rule_only, topk_only, neither = counts.tolist()
+    recall = both / max(1.0, both + topk_only)  # of top-k's picks, the share the rule routes
+    specificity = neither / max(1.0, neither + rule_only)  # of the tokens top-k skips, the share the rule skips
+    return dict(accuracy=(both + neither) / max(1.0, both + rule_only + topk_only + neither),
+                balanced=(recall + specificity) / 2,
+                precision=both / max(1.0, both + rule_only),  # of the tokens the rule routes, the share top-k picks
+                recall=recall)
+
+
+# -----------------------------------------------------------------------------
 # Input checks: one clear ValueError for each bad call
 
 
@@ -706,9 +735,12 @@ def check_config(config):
     need(_is_int(config.mod_every) and config.mod_every >= 0,
          f"mod_every must be an integer >= 0 (2 routes every other block, 0 gives the dense baseline), "
          f"got {config.mod_every!r}")
-    need(config.router_weight in ("sigmoid", "raw"),
-         f"router_weight must be 'sigmoid' or 'raw', got {config.router_weight!r}")
+    need(config.router_weight in ("sigmoid", "raw", "one"),
+         f"router_weight must be 'raw', 'sigmoid' or 'one', got {config.router_weight!r}")
     need(config.router in ("learned", "random"), f"router must be 'learned' or 'random', got {config.router!r}")
+    need(config.router_weight != "one" or config.router == "random",
+         "router_weight='one' leaves a learned router without any gradient (the weight is how it learns): use it "
+         "with router='random' (the weight-1 random control), or router_weight='raw'")
     need(config.router_aux_loss >= 0, f"router_aux_loss must be >= 0, got {config.router_aux_loss!r}")
     need(_is_int(config.n_experts) and config.n_experts >= 0, f"n_experts must be an integer >= 0, got "
          f"{config.n_experts!r}")

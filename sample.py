@@ -25,7 +25,7 @@ import time
 import torch
 
 from data.prepare import Tokenizer
-from mod import MoDConfig, MoDGPT
+from mod import MoDConfig, MoDGPT, confusion, predictor_scores
 from plumbing import (ArgumentParser, CheckpointError, Checkpoints, ConfigError, allow_tf32, autocast_for,
                       first_reason, load_checkpoint, pick_device, pick_dtype, require, run_cli)
 
@@ -128,13 +128,15 @@ def topk_agreement(model, idx, routing):
     model(idx[:, -model.config.block_size:], routing=routing)
     stats = []
     for info in model.last_infos:  # one RoutingInfo per routed block
-        causal, topk = info.processed, info.topk
-        both = (causal & topk).sum().item()
-        stats.append(dict(agreement=(causal == topk).float().mean().item(),
-                          precision=both / max(1, causal.sum().item()),  # routed causally and picked by top-k
-                          recall=both / max(1, topk.sum().item()),  # picked by top-k and routed causally
-                          routed=causal.float().mean().item()))
+        scores = predictor_scores(confusion(info.processed, info.topk))  # accuracy alone flatters: see there
+        stats.append(dict(agreement=scores["accuracy"], balanced=scores["balanced"], precision=scores["precision"],
+                          recall=scores["recall"], routed=info.processed.float().mean().item()))
     return stats
+
+
+def scores_text(stats):
+    return (f"agreement {stats['agreement']:.1%} (balanced {stats['balanced']:.1%}), precision "
+            f"{stats['precision']:.1%}, recall {stats['recall']:.1%}")
 
 
 # -----------------------------------------------------------------------------
@@ -217,15 +219,13 @@ def main(out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperatu
             for i, stats in enumerate(agreement):
                 name = f"block {blocks[i // len(decisions)]} {decisions[i % len(decisions)]}"
                 print(f"  {name}: causal routing took {stats['routed']:.1%} of the last window's tokens there; "
-                      f"agreement {stats['agreement']:.1%}, precision {stats['precision']:.1%}, "
-                      f"recall {stats['recall']:.1%}")
+                      + scores_text(stats))
             agreement = agreement[::len(decisions)]  # below: each block's share of tokens, and its first decision
         for n, stats in zip(blocks, agreement):
             routed = (routing_seen[n][generated] != 0).float().mean().item() if generated.any() else 0.0
             report["blocks"].append(dict(block=n, routed_while_sampling=routed, **stats))
             print(f"  block {n}: routed {routed:.1%} of {int(generated.sum())} generated tokens" + (
-                  f"; agreement {stats['agreement']:.1%}, precision {stats['precision']:.1%}, recall "
-                  f"{stats['recall']:.1%}" if not cfg.n_experts else " (MoDE: through the block or to some expert)"))
+                  "; " + scores_text(stats) if not cfg.n_experts else " (MoDE: through the block or to some expert)"))
     return report
 
 

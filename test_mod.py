@@ -149,6 +149,24 @@ def test_random_control_weights_the_update_by_its_noise():
         f = block.block.update(x[b:b + 1, chosen])[0]
         assert torch.allclose(out[b, chosen], x[b, chosen] + noise[b, chosen, None] * f, atol=1e-6)
 
+def test_weight_one_random_control_adds_the_unweighted_update():
+    # router_weight="one": random selection without the random weight (Eq. 1 with w = 1)
+    model = tiny(router="random", router_weight="one")
+    block = routed_blocks(model)[0]
+    x = torch.randn(3, 32, 32)
+    torch.manual_seed(5)
+    noise = torch.randn(3, 32)
+    torch.manual_seed(5)
+    out, info = block(x)
+    for b in range(3):
+        chosen = noise[b].topk(8).indices.sort().values
+        assert torch.equal(info.processed[b].nonzero().squeeze(1), chosen)
+        f = block.block.update(x[b:b + 1, chosen])[0]
+        assert torch.allclose(out[b, chosen], x[b, chosen] + f, atol=1e-6)
+    skipped = ~info.processed
+    assert torch.equal(out[skipped], x[skipped])
+
+
 # -----------------------------------------------------------------------------
 # 3. gradients: router learns from the LM loss, predictor does not, and predictor loss stays out of the trunk
 
@@ -202,6 +220,19 @@ def test_aux_targets_are_each_rows_own_top_k():
 
 # -----------------------------------------------------------------------------
 # 4. causality: causal modes see no future; top-k does (the reason for the predictor)
+
+
+def test_predictor_scores_see_what_accuracy_hides():
+    topk = torch.tensor([[True, False, False, False, False, False, False, False]])  # capacity 1/8
+    nothing = mod.predictor_scores(mod.confusion(torch.zeros_like(topk), topk))
+    assert nothing == dict(accuracy=7 / 8, balanced=0.5, precision=0.0, recall=0.0)  # 87.5% for routing nothing
+    everything = mod.predictor_scores(mod.confusion(torch.ones_like(topk), topk))
+    assert everything == dict(accuracy=1 / 8, balanced=0.5, precision=1 / 8, recall=1.0)
+    decided = torch.tensor([[True, True, False, False, False, False, False, False]])
+    counts = mod.confusion(decided, topk)
+    assert counts.tolist() == [1, 1, 0, 6]  # both, the rule only, top-k only, neither
+    assert mod.predictor_scores(counts + counts) == mod.predictor_scores(counts) == dict(  # counts add over batches
+        accuracy=7 / 8, balanced=(1 + 6 / 7) / 2, precision=0.5, recall=1.0)
 
 
 def change_the_future(idx, t):
@@ -479,6 +510,7 @@ def test_routed_kv_cache_holds_only_routed_tokens():
     (dict(n_embd=30, n_head=4), "divisible by n_head"),
     (dict(router_weight="softmax"), "router_weight must be"),
     (dict(router="topk"), "router must be"),
+    (dict(router_weight="one"), "leaves a learned router without any gradient"),
     (dict(mod_every=-1), "mod_every must be"),
     (dict(dropout=1.0), "dropout must be"),
 ])

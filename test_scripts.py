@@ -283,10 +283,38 @@ def test_a_few_iterations_lower_the_loss_and_report_everything(char_data, tmp_pa
     out = capsys.readouterr().out
     first = float(out.split("step 0: train loss ")[1].split(",")[0])
     assert result["eval"]["train_topk"] < first - 0.5
-    assert {"val_topk", "val_predictor", "predictor_acc"} <= result["eval"].keys()
+    assert {"val_topk", "val_predictor", "predictor_accuracy", "predictor_balanced", "predictor_precision",
+            "predictor_recall"} <= result["eval"].keys()
     assert "iter 1: loss " in out and "tok/s" in out and "routed 12.5%" in out  # 4 of 32 tokens
-    assert "(causal predictor)" in out and "predictor accuracy" in out
+    assert "(causal predictor)" in out and "predictor accuracy" in out and "(balanced " in out
     assert len(result["sample"]) > 0 and os.path.exists(result["ckpt_path"])
+
+
+def test_the_predictor_never_changes_what_the_language_model_learns(char_data, tmp_path, monkeypatch):
+    # Two runs resume from one checkpoint, one with its predictors scaled up 30x (large BCE gradients). With the
+    # predictors' gradients clipped apart from the trunk's (train.clip_groups), every trunk weight ends the same;
+    # clipped together, under one norm, the predictors' gradients shrink the trunk's step.
+    settings = dict(grad_clip=0.05)  # small: clipping acts at every step
+    train.main(**tiny_run(char_data, tmp_path / "start", max_iters=3, **settings))
+
+    def resume(name, scale):
+        shutil.copytree(tmp_path / "start", tmp_path / name)
+        ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)
+        for key in ckpt["model"]:
+            if ".predictor." in key:
+                ckpt["model"][key] *= scale
+        torch.save(ckpt, tmp_path / name / "ckpt.pt")
+        result = train.main(**tiny_run(char_data, tmp_path / name, init_from="resume", **settings))
+        weights = torch.load(result["ckpt_path"], weights_only=True)["model"]
+        return {k: v for k, v in weights.items() if ".predictor." not in k}, weights
+
+    (a, all_a), (b, all_b) = resume("a", 1.0), resume("b", 30.0)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(all_a[k], all_b[k]) for k in all_a if ".predictor." in k)  # the predictors differ
+    monkeypatch.setattr(train, "clip_groups", lambda model: [list(model.parameters())])  # one norm over all
+    (c, _), (d, _) = resume("c", 1.0), resume("d", 30.0)
+    assert any(not torch.equal(c[k], d[k]) for k in c)
 
 
 def test_dense_baseline_trains_through_the_same_code(char_data, tmp_path, capsys):
@@ -457,10 +485,10 @@ def test_metrics_are_written_as_json_lines_and_returned_as_the_history(char_data
                                                        ("train", 6), ("eval", 6)]
     for r in lines:
         if r["kind"] == "train":
-            assert {"loss", "lr", "ms_per_iter", "routed_frac", "predictor_acc"} <= r.keys()
+            assert {"loss", "lr", "ms_per_iter", "routed_frac", "predictor_accuracy", "predictor_balanced"} <= r.keys()
             assert r["routed_frac"] == 0.125 and r["loss"] > 0  # 4 of 32 tokens per routed block
         else:
-            assert {"train_topk", "val_topk", "val_predictor", "predictor_acc", "lr"} <= r.keys()
+            assert {"train_topk", "val_topk", "val_predictor", "predictor_accuracy", "predictor_recall", "lr"} <= r.keys()
     assert {k: lines[-1][k] for k in result["eval"]} == result["eval"]
     times = [r["time_s"] for r in lines]
     assert times == sorted(times) and times[0] == 0 and times[-1] > 0
@@ -513,6 +541,7 @@ def test_sample_from_a_char_checkpoint_with_routing_shown(char_checkpoint, capsy
     assert [b["block"] for b in report["blocks"]] == [1]
     for b in report["blocks"]:
         assert 0 <= b["agreement"] <= 1 and 0 <= b["precision"] <= 1 and 0 <= b["recall"] <= 1
+        assert 0 <= b["balanced"] <= 1
 
 
 def test_sample_with_the_untrained_router_says_so_once(char_checkpoint, capsys):
@@ -558,9 +587,11 @@ def test_agreement_report_counts_precision_and_recall(char_checkpoint):
     stats = sample.topk_agreement(model, idx, "predictor")[0]
     assert stats["recall"] == 1.0 and stats["precision"] == pytest.approx(4 / 32)
     assert stats["agreement"] == pytest.approx(4 / 32) and stats["routed"] == 1.0
+    assert stats["balanced"] == pytest.approx(0.5)  # all of top-k's picks, none of the tokens it skips
     torch.nn.init.constant_(block.predictor.out.bias, -100.0)  # routes nothing
     stats = sample.topk_agreement(model, idx, "predictor")[0]
     assert stats["recall"] == 0.0 and stats["precision"] == 0.0 and stats["agreement"] == pytest.approx(28 / 32)
+    assert stats["balanced"] == pytest.approx(0.5)  # accuracy's 87.5% is what routing nothing scores
 
 
 def test_sample_bad_input_gets_clear_messages(char_checkpoint, tmp_path, capsys):
@@ -712,12 +743,16 @@ def test_routing_accuracy_compares_each_rule_with_top_k_on_the_same_input():
                           ("topk", "router")):
         seen.clear()
         model(idx, routing=routing)
-        expected = [(((info.predictor_logits if rule == "predictor" else info.router_logits) > 0) == info.topk)
-                    .float().mean().item() for _, _, info in seen]
+        decided = [(info.predictor_logits if rule == "predictor" else info.router_logits) > 0 for _, _, info in seen]
+        expected = [(d == info.topk).float().mean().item() for d, (_, _, info) in zip(decided, seen)]
+        expected_balanced = [((d & info.topk).sum() / info.topk.sum() + (~d & ~info.topk).sum() / (~info.topk).sum())
+                             .item() / 2 for d, (_, _, info) in zip(decided, seen)]
         expected_routed = [info.processed.float().mean().item() for _, _, info in seen]
         seen.clear()
-        accuracy, routed = bench.routing_accuracy(model, windows, routing, rule=rule, batch=4)
+        scores, routed = bench.routing_accuracy(model, windows, routing, rule=rule, batch=4)
+        accuracy = [s["accuracy"] for s in scores]
         assert accuracy == pytest.approx(expected, abs=1e-6) and routed == pytest.approx(expected_routed, abs=1e-6)
+        assert [s["balanced"] for s in scores] == pytest.approx(expected_balanced, abs=1e-6)
         assert len(accuracy) == 2
     # under top-k each block processes exactly k = 8 of 32 tokens; the causal rules route what they route
     assert bench.routing_accuracy(model, windows, "topk")[1] == pytest.approx([0.25, 0.25])

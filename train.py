@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from data.prepare import Tokenizer, check_same_vocabulary, dataset_dir, load_dataset, prepare_if_missing
-from mod import MoDConfig, MoDGPT
+from mod import MoDConfig, MoDGPT, predictor_scores
 from plumbing import (CheckpointError, Checkpoints, Clock, Metrics, StopSignals, allow_tf32, autocast_for,
                       check_train_config, config_parser, merge_settings, on_first_process, parameters_without_gradient,
                       peak_flops, pick_device, pick_dtype, random_state, require, resolve_config, run_cli,
@@ -160,6 +160,16 @@ def configure_optimizer(model, cfg, device_type):
                              fused=device_type in ("cuda", "cpu"))
 
 
+def clip_groups(model):
+    """The parameter groups whose gradient norms are clipped apart: the language model's, and the causal predictors'.
+    A predictor reads the trunk through a stop-gradient (section 3.5), so its gradients never reach the trunk; but
+    clipped together, under one norm, large predictor gradients would still shrink the trunk's step. Clipped apart,
+    the predictors cannot change what the language model learns (test_scripts.py checks it)."""
+    named = list(model.named_parameters())
+    predictors = [p for name, p in named if ".predictor" in name]  # MoDBlock.predictor, mode.py's .predictors
+    return [group for group in ([p for name, p in named if ".predictor" not in name], predictors) if group]
+
+
 # -----------------------------------------------------------------------------
 # learning rate
 
@@ -183,22 +193,22 @@ def get_lr(it, cfg):
 @torch.no_grad()
 def evaluate(model, batches, cfg, autocast):
     """LM loss on train and val under top-k routing, val loss under causal predictor routing (the number that holds
-    when sampling), and the predictor's accuracy against top-k. The same batches every time."""
+    when sampling), and how well the predictor matches top-k (mod.predictor_scores). The same batches every time."""
     model.eval()
     routed = bool(model.config.routed_blocks())
     out = {}
     for split, routing in [("train", "topk"), ("val", "topk")] + ([("val", "predictor")] if routed else []):
         generator = batches.for_eval()
-        losses, accs = [], []
+        losses, counts = [], 0
         for _ in range(cfg.eval_iters):
             x, y = batches.get(split, generator)
             with autocast:
                 model(x, y, routing=routing, check_input=False)
             losses.append(model.last_stats["lm_loss"].item())
-            accs.append(model.last_stats["predictor_acc"].item())
+            counts = counts + model.last_stats["predictor_counts"]
         out[f"{split}_{routing}"] = sum(losses) / len(losses)
         if split == "val" and routing == "topk" and routed:
-            out["predictor_acc"] = sum(accs) / len(accs)
+            out.update({f"predictor_{k}": v for k, v in predictor_scores(counts).items()})
     model.train()
     return out
 
@@ -206,8 +216,7 @@ def evaluate(model, batches, cfg, autocast):
 def format_eval(it, ev):
     line = f"step {it}: train loss {ev['train_topk']:.4f}, val loss {ev['val_topk']:.4f}"
     if "val_predictor" in ev:
-        line += (f" (top-k), val loss {ev['val_predictor']:.4f} (causal predictor), "
-                 f"predictor accuracy {100 * ev['predictor_acc']:.1f}%")
+        line += f" (top-k), val loss {ev['val_predictor']:.4f} (causal predictor), predictor " + predictor_text(ev)
     return line
 
 
@@ -225,10 +234,18 @@ def log_values(model, cfg, it, loss, dt, world_size):
     if peak:  # forward + backward is ~3x the forward; per process, as each GPU is compared with its own peak
         flops_per_iter = 3 * model.estimate_flops(T)["total"] * tokens_per_iter / T / world_size
         text += f", mfu {100 * flops_per_iter / dt / peak:.2f}%"
-    if stats["routed_frac"].numel():  # a MoD model: the share routed into its routed blocks, the predictor's accuracy
-        values.update(routed_frac=stats["routed_frac"].mean().item(), predictor_acc=stats["predictor_acc"].item())
-        text += f", routed {100 * values['routed_frac']:.1f}%, predictor {100 * values['predictor_acc']:.1f}%"
+    if stats["routed_frac"].numel():  # a MoD model: the share routed into its routed blocks, the predictor's scores
+        values["routed_frac"] = stats["routed_frac"].mean().item()
+        values.update({f"predictor_{k}": v for k, v in predictor_scores(stats["predictor_counts"]).items()})
+        text += f", routed {100 * values['routed_frac']:.1f}%, predictor " + predictor_text(values)
     return text, values
+
+
+def predictor_text(values):
+    """The predictor's scores against top-k: accuracy, and what accuracy hides (mod.predictor_scores)."""
+    accuracy, balanced, precision, recall = (100 * values[f"predictor_{k}"]
+                                             for k in ("accuracy", "balanced", "precision", "recall"))
+    return f"accuracy {accuracy:.1f}% (balanced {balanced:.1f}%, precision {precision:.1f}%, recall {recall:.1f}%)"
 
 
 # -----------------------------------------------------------------------------
@@ -253,6 +270,7 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokeniz
         return checkpoints.state(raw_model, optimizer, scaler, raw_model.config, cfg, tokenizer.meta, it, rng)
 
     start_iter, last_eval, clock, rng = iter_num, {}, Clock(), random_state(device_type)
+    groups = clip_groups(raw_model)
     if is_master and iter_num >= cfg.max_iters and not cfg.eval_only:
         print(f"note: nothing to train: the run is at iteration {iter_num} and --max_iters={cfg.max_iters}")
     with checkpoints.run(cfg.init_from == "scratch" and cfg.overwrite, enabled=is_master and not cfg.eval_only), \
@@ -296,7 +314,8 @@ def train(cfg, model, optimizer, scaler, autocast, batches, checkpoints, tokeniz
                     scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    for group in groups:  # the trunk and the predictors apart: see clip_groups
+                        torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
