@@ -48,7 +48,7 @@ def test_seeds_runs_every_row_over_each_seed_and_pairs_each_seed_with_its_own_de
     out = seeds.run(seeds=2, max_iters=3, eval_iters=1, out_dir=str(tmp_path), data_dir=data, deeper=True,
                     predictor_hidden=8, **TINY)
     assert out["seeds"] == [1337, 1338]
-    assert list(out["rows"]) == list(seeds.ROWS)
+    assert list(out["rows"]) == [seeds.ROWS[name][0] for name in seeds.DEFAULT_ROWS.split(",")]
     flops = {label: row["flops"] for label, row in out["rows"].items()}
     assert flops["dense"] == 1.0 and flops["shallow control"] < flops["MoD"] < 1.0 < flops["nearest-FLOP MoD (deeper)"]
     assert flops["random control, weight 1"] == flops["MoD"]
@@ -59,11 +59,23 @@ def test_seeds_runs_every_row_over_each_seed_and_pairs_each_seed_with_its_own_de
     assert len(mod_minus_dense["per_seed"]) == 2
     expected = [a - b for a, b in zip(out["rows"]["MoD"]["topk"], out["rows"]["dense"]["topk"])]
     assert [d for d, _ in mod_minus_dense["per_seed"]] == pytest.approx(expected, abs=1e-6)
-    assert len(out["comparisons"]) == len(seeds.COMPARISONS)
+    assert len(out["comparisons"]) == len(seeds.COMPARISONS) - 1  # all but the 4/3-iterations row's
     assert all(c["verdict"] in ("holds", "within the noise") for c in out["comparisons"].values())
     table = (tmp_path / "block64.md").read_text()
     assert "| random control, weight 1 |" in table and "mean ± seed sd" in table
     assert json.loads((tmp_path / "block64.json").read_text())["seeds"] == [1337, 1338]
+
+
+def test_seeds_trains_only_the_rows_asked_for_and_dense(data, tmp_path):
+    import seeds
+    out = seeds.run(seeds=1, max_iters=3, eval_iters=1, out_dir=str(tmp_path), data_dir=data, rows="mod_4_3",
+                    predictor_hidden=8, **TINY)
+    assert list(out["rows"]) == ["dense", "MoD, 4/3 the iterations"]
+    assert out["rows"]["MoD, 4/3 the iterations"]["iters"] == 4 and out["rows"]["dense"]["iters"] == 3
+    assert list(out["comparisons"]) == ["MoD with 4/3 the iterations, causal - dense"]
+    assert (tmp_path / "block64_dense_mod_4_3.md").exists()
+    with pytest.raises(SystemExit, match="no row moe; the rows are dense, shallow"):
+        seeds.run(seeds=1, out_dir=str(tmp_path), data_dir=data, rows="mod,moe", **TINY)
 
 
 def test_isoflop_gives_each_model_the_iterations_its_budget_buys(data, tmp_path):

@@ -5,11 +5,13 @@ survives both.
 
     python experiments/seeds.py                          # block 64 (the CPU default), 3 seeds: ~25 minutes on 2 cores
     python experiments/seeds.py --setting="block 256"    # block 256, 3 seeds (without the deeper model): ~30 minutes
+    python experiments/seeds.py --rows=mod_4_3           # some rows only (names in ROWS; dense is always trained)
 
 Rows: dense; the shallow control (dense without MoD's routed blocks); MoD; the paper's random control (top-k on
 Gaussian noise, the noise also the weight); the random control with weight 1 (random selection, no noisy weight);
-and, at block 64, the nearest-FLOP MoD (the depth whose FLOPs are nearest dense's: 7 layers, 1.12x dense's FLOPs
-- deeper, not isoFLOP). Every model is scored on the same validation windows, so a seed's difference between two
+at block 64, the nearest-FLOP MoD (the depth whose FLOPs are nearest dense's: 7 layers, 1.12x dense's FLOPs
+- deeper, not isoFLOP); and, only when asked with --rows, MoD trained 4/3 as many iterations (about dense's training
+time: MoD's step took 0.75x dense's in bench.py --quality's run). Every model is scored on the same validation windows, so a seed's difference between two
 models is paired, window by window. Writes bench_runs/seeds/<setting>.md and .json.
 """
 
@@ -17,17 +19,21 @@ import os
 
 import common
 
-ROWS = {  # label: settings on top of the shape (shallow's and nearest-FLOP's depth are filled in by run())
-    "dense": dict(mod_every=0),
-    "shallow control": dict(mod_every=0),
-    "MoD": dict(),
-    "random control (noise is the weight)": dict(router="random"),
-    "random control, weight 1": dict(router="random", router_weight="one"),
-    "nearest-FLOP MoD (deeper)": dict(),
+ROWS = {  # name (for --rows and the run folders): (label, settings on top of the shape); shallow's and deeper's
+    # depth are filled in by run()
+    "dense": ("dense", dict(mod_every=0)),
+    "shallow": ("shallow control", dict(mod_every=0)),
+    "mod": ("MoD", dict()),
+    "random": ("random control (noise is the weight)", dict(router="random")),
+    "random_w1": ("random control, weight 1", dict(router="random", router_weight="one")),
+    "deeper": ("nearest-FLOP MoD (deeper)", dict()),
+    "mod_4_3": ("MoD, 4/3 the iterations", dict(iterations=4 / 3)),
 }
+DEFAULT_ROWS = "dense,shallow,mod,random,random_w1,deeper"
 # the differences the results page states: (a, b, what a - b means); losses are top-k unless "causal" is named
 COMPARISONS = [
     ("MoD", "dense", "MoD - dense"),
+    ("MoD, 4/3 the iterations causal", "dense", "MoD with 4/3 the iterations, causal - dense"),
     ("MoD causal", "dense", "MoD under causal routing - dense"),
     ("shallow control", "dense", "shallow - dense: what the dense blocks MoD routes are worth"),
     ("shallow control", "MoD", "shallow - MoD: what MoD's routed blocks are worth"),
@@ -44,9 +50,10 @@ COMPARISONS = [
 
 
 def run(setting="block 64", seeds=3, max_iters=2000, eval_iters=200, out_dir="bench_runs/seeds", data_dir="",
-        deeper=None, **overrides):
-    """Train every row for each seed (1337, 1338, ...), measure them on shared windows, write the tables. deeper:
-    whether to train the nearest-FLOP MoD (default: at block 64 only). overrides: shape fields (for tests)."""
+        rows=DEFAULT_ROWS, deeper=None, **overrides):
+    """Train the rows (comma-separated names of ROWS; dense always) for each seed (1337, 1338, ...), measure them
+    on shared windows, write the tables. deeper: whether to train the nearest-FLOP MoD (default: at block 64 only).
+    overrides: shape fields (for tests)."""
     shape = dict(common.SETTINGS[setting], **overrides)
     batch_size = shape.pop("batch_size")
     data_dir = common.data_folder(data_dir)
@@ -56,21 +63,28 @@ def run(setting="block 64", seeds=3, max_iters=2000, eval_iters=200, out_dir="be
     n_dense = sum(not common.MoDConfig(**shape).is_routed(i) for i in range(shape["n_layer"]))
     deep = min(range(shape["n_layer"] + 1, 3 * shape["n_layer"]),
                key=lambda n: abs(common.flops(shape, n_layer=n) - dense_flops))
-    rows = {label: dict(fields) for label, fields in ROWS.items()}
-    rows["shallow control"]["n_layer"] = n_dense
-    rows["nearest-FLOP MoD (deeper)"]["n_layer"] = deep
-    if not (setting == "block 64" if deeper is None else deeper):
-        del rows["nearest-FLOP MoD (deeper)"]
+    names = ["dense"] + [name.strip() for name in rows.split(",") if name.strip() != "dense"]
+    unknown = [name for name in names if name not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: no row {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
+    if "deeper" in names and not (setting == "block 64" if deeper is None else deeper):
+        names.remove("deeper")
+    depth = dict(shallow=n_dense, deeper=deep)  # the rows whose depth differs from the shape's
+    rows = {name: (ROWS[name][0], dict(ROWS[name][1], **({"n_layer": depth[name]} if name in depth else {})))
+            for name in names}
     log_dir = os.path.join(out_dir, setting.replace(" ", ""))
     results = {}  # (label, seed) -> measure()
     for seed in range(1337, 1337 + seeds):
-        for label, fields in rows.items():
-            settings = common.train_settings(shape, batch_size, max_iters, max(1, eval_iters // 10),
+        for name, (label, fields) in rows.items():
+            fields = dict(fields)
+            iters = round(max_iters * fields.pop("iterations", 1))
+            settings = common.train_settings(shape, batch_size, iters, max(1, eval_iters // 10),
                                              data_dir=data_dir, seed=seed, **fields)
-            results[label, seed] = common.measure(f"{label.split(' (')[0].replace(' ', '_')}_{seed}", log_dir,
-                                                  windows, settings)
-    lines, data = tables(results, rows, shape, dense_flops, setting, seeds, max_iters, batch_size, len(windows))
-    common.write(out_dir, setting.replace(" ", ""), lines, data)
+            results[label, seed] = common.measure(f"{name}_{seed}", log_dir, windows, settings)
+    labelled = {label: {k: v for k, v in fields.items() if k != "iterations"} for label, fields in rows.values()}
+    lines, data = tables(results, labelled, shape, dense_flops, setting, seeds, max_iters, batch_size, len(windows))
+    file = setting.replace(" ", "") + ("" if rows.keys() == set(DEFAULT_ROWS.split(",")) else "_" + "_".join(rows))
+    common.write(out_dir, file, lines, data)
     return data
 
 
@@ -93,7 +107,7 @@ def tables(results, rows, shape, dense_flops, setting, seeds, iters, batch_size,
         runs = [results[label, s] for s in seed_list]
         topk = [r["topk"].mean().item() for r in runs]
         mean, sd, _ = common.over_seeds(topk)
-        entry = dict(flops=common.flops(shape, **fields) / dense_flops, topk=topk,
+        entry = dict(flops=common.flops(shape, **fields) / dense_flops, topk=topk, iters=runs[0]["iters"],
                      ms_per_iter=[r["ms_per_iter"] for r in runs])
         causal = scores = ""
         if "causal" in runs[0]:
@@ -106,7 +120,8 @@ def tables(results, rows, shape, dense_flops, setting, seeds, iters, batch_size,
                                          for k in ("accuracy", "balanced", "precision", "recall"))
                                 for j in range(blocks))
         data["rows"][label] = entry
-        lines.append(f"| {label} | {entry['flops']:.2f}x | {' / '.join(f'{v:.4f}' for v in topk)} | "
+        shown = label if entry["iters"] == iters else f"{label} ({entry['iters']} iterations)"
+        lines.append(f"| {shown} | {entry['flops']:.2f}x | {' / '.join(f'{v:.4f}' for v in topk)} | "
                      f"{mean:.4f} ± {sd:.4f} | {causal} | {scores} | "
                      f"{sum(entry['ms_per_iter']) / len(runs):.1f} |")
     lines += ["", "| difference (nats) | per seed (± evaluation-text error) | mean ± seed sd | verdict |",
@@ -140,4 +155,4 @@ def tables(results, rows, shape, dense_flops, setting, seeds, iters, batch_size,
 
 if __name__ == "__main__":
     run(**common.command_line(__doc__, setting="block 64", seeds=3, max_iters=2000, eval_iters=200,
-                              out_dir="bench_runs/seeds", data_dir=""))
+                              out_dir="bench_runs/seeds", data_dir="", rows=DEFAULT_ROWS))
