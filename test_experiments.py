@@ -153,8 +153,42 @@ def test_gradient_ratio_is_the_last_rows_gradient_norm_over_the_middle_rows(data
     assert model.transformer.wpe.weight.grad is None  # measured, not left behind for an optimizer
 
 
-@pytest.mark.parametrize("script", ["seeds", "isoflop", "capacity_frequency", "routing_analysis", "anomaly"])
+@pytest.mark.parametrize("script", ["seeds", "isoflop", "capacity_frequency", "routing_analysis", "anomaly", "peers"])
 def test_each_experiment_has_one_command_with_help(script):
     out = subprocess.run([sys.executable, str(HERE / "experiments" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--out_dir" in out.stdout and "usage:" in out.stdout
+
+
+def test_peers_times_nanogpt_and_a_mod_peer_from_their_checkouts(tmp_path):
+    import peers
+    root = Path(os.environ.get("MOD_PEERS_DIR", "/work/peers"))  # checkouts named owner+repo
+    paths = dict(nanogpt=str(root / "karpathy+nanoGPT"), mixture_ai=str(root / "Mixture-AI+Mixture-of-Depths"))
+    missing = [p for p in paths.values() if not os.path.isdir(p)]
+    if missing:
+        pytest.skip(f"no peer checkout at {', '.join(missing)} (experiments/peers.py says how to get them)")
+    rows = peers.run(paths, shapes="cpu", rounds=2, out_dir=str(tmp_path), shape_overrides=dict(TINY, batch_size=2),
+                     min_seconds=0, threads=1)
+    assert [(r["model"], r["over"]) for r in rows] == [("nanoGPT's GPT, over our dense", "our dense"),
+                                                        ("the textbook GPT, over our dense", "our dense"),
+                                                        ("Mixture-AI/Mixture-of-Depths", "our MoD")]
+    for r in rows:
+        assert r["train_min"] <= r["train_max"] and r["train_ratio"] > 0 and r["forward_ratio"] > 0
+    saved = json.loads((tmp_path / "peers.json").read_text())
+    assert saved["rows"] == rows and saved["shapes"]["cpu"] == dict(TINY, batch_size=2)
+    assert set(saved["commits"]) == {"this repository", "nanoGPT", "Mixture-AI/Mixture-of-Depths"}
+    md = (tmp_path / "peers.md").read_text()
+    assert "| Mixture-AI/Mixture-of-Depths | " in md and "--nanogpt=" in md and "--mixture_ai=" in md
+
+
+def test_peers_names_a_missing_checkout_in_one_line_and_runs_the_rest(tmp_path, capsys):
+    import peers
+    nowhere = str(tmp_path / "no-nanoGPT-here")
+    rows = peers.run(dict(nanogpt=nowhere), shapes="cpu", rounds=1, out_dir=str(tmp_path),
+                     shape_overrides=dict(TINY, batch_size=2), min_seconds=0, threads=1)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("nanoGPT:")]
+    assert lines == [f"nanoGPT: skipped, no checkout at {nowhere} (git clone https://github.com/karpathy/nanoGPT "
+                     f"{nowhere})"]
+    assert [r["model"] for r in rows] == ["the textbook GPT, over our dense"]  # ours alone still measured
+    assert "the textbook GPT, over our dense" in (tmp_path / "peers.md").read_text()
