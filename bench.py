@@ -452,7 +452,8 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
              f"{iters} iterations unless noted; {len(windows):,} validation windows of {T} tokens",
              "",
              "| run | iterations | forward FLOPs vs dense | val loss, top-k | vs dense (paired) | val loss, causal | "
-             "causal gap | causal rule's accuracy (balanced accuracy) per routed block (%), top-k inputs | the same, causal inputs | "
+             "causal gap | causal rule's accuracy (balanced accuracy) per routed block (%), top-k inputs | "
+             "the same, causal inputs | "
              "routed when causal (%) | ms/iter | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, (run, run_flops) in runs.items():

@@ -45,7 +45,7 @@ class MoDConfig:
     # --- Mixture-of-Depths ---
     capacity: float = 0.125  # fraction of each sequence's tokens that a routed block processes
     mod_every: int = 2  # route every mod_every-th block (1, 3, 5, ... for 2); block 0 is always dense; 0 = plain GPT
-    router_weight: str = "raw"  # the update's multiplier: "raw" r (Eq. 1), "sigmoid" sigmoid(r), "one" (random router only)
+    router_weight: str = "raw"  # what multiplies the update: "raw" r (Eq. 1), "sigmoid", "one" (random router only)
     router_aux_loss: float = 0.0  # weight of the BCE that makes the router itself causal (paper's method 1)
     router: str = "learned"  # "learned", or "random": top-k on Gaussian noise (the paper's control)
     predictor_hidden: int = 64  # hidden width of the causal Predictor MLP (the paper gives none)

@@ -488,7 +488,8 @@ def test_metrics_are_written_as_json_lines_and_returned_as_the_history(char_data
             assert {"loss", "lr", "ms_per_iter", "routed_frac", "predictor_accuracy", "predictor_balanced"} <= r.keys()
             assert r["routed_frac"] == 0.125 and r["loss"] > 0  # 4 of 32 tokens per routed block
         else:
-            assert {"train_topk", "val_topk", "val_predictor", "predictor_accuracy", "predictor_recall", "lr"} <= r.keys()
+            assert {"train_topk", "val_topk", "val_predictor", "predictor_accuracy", "predictor_recall",
+                    "lr"} <= r.keys()
     assert {k: lines[-1][k] for k in result["eval"]} == result["eval"]
     times = [r["time_s"] for r in lines]
     assert times == sorted(times) and times[0] == 0 and times[-1] > 0

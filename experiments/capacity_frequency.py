@@ -2,7 +2,7 @@
 Capacity x frequency (the paper's sweep, section 4.1 and Fig. 3's left panel): MoD at 12.5%, 25% and 50% capacity,
 routing every block or every other block, against dense, all at the same number of iterations, with a plot.
 
-    python experiments/capacity_frequency.py      # block 256 (4 x 128, batch 8, 2000 iterations): ~20 minutes on 2 cores
+    python experiments/capacity_frequency.py    # block 256 (4 x 128, batch 8, 2000 iterations): ~20 minutes, 2 cores
 
 "Every block" routes blocks 1, 2, 3 (mod_every=1): block 0 stays dense, as in every MoD model here. The paper found
 12.5% every other block best, and routing every block "crucial" to avoid. One seed per model (the seeds experiment
@@ -38,7 +38,8 @@ def run(setting="block 256", max_iters=2000, eval_iters=200, seed=1337, out_dir=
     lines = [f"### Capacity x frequency, {setting}: {shape['n_layer']} x {shape['n_embd']}, batch {batch_size}, "
              f"{max_iters} iterations, seed {seed}; {len(windows):,} validation windows of {T} tokens", "",
              "| model | FLOPs per forward vs dense | val loss, top-k | val loss, causal | causal - dense (paired) | "
-             "predictor per routed block: balanced accuracy (%) | ms/iter |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "predictor per routed block: balanced accuracy (%) | ms/iter |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     data = dict(setting=setting, seed=seed, models={})
     for label, fields in models.items():
         r = runs[label]

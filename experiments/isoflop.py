@@ -30,7 +30,8 @@ def parse_sizes(text):
 def run(budgets="1000,3000", sizes="2x96,4x128,6x160,8x192", block_size=64, batch_size=12, eval_iters=50, seed=1337,
         out_dir="bench_runs/isoflop", data_dir="", repeats=5, plot=True, **extra):
     data_dir = common.data_folder(data_dir)
-    windows = common.bench.val_windows(data_dir, block_size, max(20, eval_iters * common.bench.EVAL_TOKENS // block_size))
+    n_windows = max(20, eval_iters * common.bench.EVAL_TOKENS // block_size)
+    windows = common.bench.val_windows(data_dir, block_size, n_windows)
     unit = 3 * common.flops(dict(REFERENCE, block_size=block_size), mod_every=0) * batch_size  # one reference step
     runs = []
     for budget in (float(b) for b in budgets.split(",")):

@@ -11,8 +11,9 @@ Rows: dense; the shallow control (dense without MoD's routed blocks); MoD; the p
 Gaussian noise, the noise also the weight); the random control with weight 1 (random selection, no noisy weight);
 at block 64, the nearest-FLOP MoD (the depth whose FLOPs are nearest dense's: 7 layers, 1.12x dense's FLOPs
 - deeper, not isoFLOP); and, only when asked with --rows, MoD trained 4/3 as many iterations (about dense's training
-time: MoD's step took 0.75x dense's in bench.py --quality's run). Every model is scored on the same validation windows, so a seed's difference between two
-models is paired, window by window. Writes bench_runs/seeds/<setting>.md and .json.
+time: MoD's step took 0.75x dense's in bench.py --quality's run). Every model is scored on the same
+validation windows, so a seed's difference between two models is paired, window by window. Writes
+bench_runs/seeds/<setting>.md and .json.
 """
 
 import os
@@ -99,8 +100,9 @@ def tables(results, rows, shape, dense_flops, setting, seeds, iters, batch_size,
     seed_list = list(range(1337, 1337 + seeds))
     head = (f"### Seeds, {setting}: {shape['n_layer']} x {shape['n_embd']}, batch {batch_size}, {iters} iterations, "
             f"seeds {', '.join(map(str, seed_list))}; {n_windows:,} validation windows of {shape['block_size']} tokens")
-    lines = [head, "", "| row | FLOPs vs dense | val loss, top-k, per seed | mean ± seed sd | val loss, causal, mean ± "
-             "seed sd | predictor per routed block, causal inputs: accuracy / balanced accuracy / precision / recall "
+    lines = [head, "", "| row | FLOPs vs dense | val loss, top-k, per seed | mean ± seed sd | val loss, causal, "
+             "mean ± seed sd | predictor per routed block, causal inputs: accuracy / balanced accuracy / precision / "
+             "recall "
              "(%, mean over seeds) | ms/iter |", "| --- | --- | --- | --- | --- | --- | --- |"]
     data = dict(setting=setting, seeds=seed_list, rows={}, comparisons={})
     for label, fields in rows.items():
