@@ -59,7 +59,7 @@ def test_seeds_runs_every_row_over_each_seed_and_pairs_each_seed_with_its_own_de
     assert len(mod_minus_dense["per_seed"]) == 2
     expected = [a - b for a, b in zip(out["rows"]["MoD"]["topk"], out["rows"]["dense"]["topk"])]
     assert [d for d, _ in mod_minus_dense["per_seed"]] == pytest.approx(expected, abs=1e-6)
-    assert len(out["comparisons"]) == len(seeds.COMPARISONS) - 1  # all but the 4/3-iterations row's
+    assert len(out["comparisons"]) == len(seeds.COMPARISONS) - 4  # all but those of the rows not asked for
     assert all(c["verdict"] in ("holds", "within the noise") for c in out["comparisons"].values())
     table = (tmp_path / "block64.md").read_text()
     assert "| random control, weight 1 |" in table and "mean ± seed sd" in table
@@ -74,6 +74,14 @@ def test_seeds_trains_only_the_rows_asked_for_and_dense(data, tmp_path):
     assert out["rows"]["MoD, 4/3 the iterations"]["iters"] == 4 and out["rows"]["dense"]["iters"] == 3
     assert list(out["comparisons"]) == ["MoD with 4/3 the iterations, causal - dense"]
     assert (tmp_path / "block64_dense_mod_4_3.md").exists()
+    # the predictor clipped with the trunk, as train.py did before clip_groups: the same top-k path, other weights
+    import train
+    together = seeds.run(seeds=1, max_iters=10, eval_iters=1, out_dir=str(tmp_path), data_dir=data,
+                         rows="mod,mod_clip_together", predictor_hidden=8, grad_clip=0.01, warmup_iters=0,
+                         learning_rate=0.01, **TINY)
+    assert train.clip_groups is not seeds.clipped_together  # restored
+    assert together["rows"]["MoD"]["topk"] != together["rows"]["MoD, predictor clipped with the trunk"]["topk"]
+    assert "clipped together - apart, causal" in together["comparisons"]
     with pytest.raises(SystemExit, match="no row moe; the rows are dense, shallow"):
         seeds.run(seeds=1, out_dir=str(tmp_path), data_dir=data, rows="mod,moe", **TINY)
 

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere: train.py, mod.py and bench.py live one folder up
 
 import bench  # noqa: E402
+import train  # noqa: E402
 from data.prepare import dataset_dir, load_dataset, prepare_if_missing  # noqa: E402
 from mod import MoDConfig, MoDGPT  # noqa: E402
 

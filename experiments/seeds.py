@@ -11,11 +11,14 @@ Rows: dense; the shallow control (dense without MoD's routed blocks); MoD; the p
 Gaussian noise, the noise also the weight); the random control with weight 1 (random selection, no noisy weight);
 at block 64, the nearest-FLOP MoD (the depth whose FLOPs are nearest dense's: 7 layers, 1.12x dense's FLOPs
 - deeper, not isoFLOP); and, only when asked with --rows, MoD trained 4/3 as many iterations (about dense's training
-time: MoD's step took 0.75x dense's in bench.py --quality's run). Every model is scored on the same
+time: MoD's step took 0.75x dense's in bench.py --quality's run) or MoD with its predictors' gradients clipped
+together with the trunk's, under one norm (how train.py clipped before train.clip_groups). Every model is scored on the same
 validation windows, so a seed's difference between two models is paired, window by window. Writes
 bench_runs/seeds/<setting>.md and .json.
 """
 
+import contextlib
+import dataclasses
 import os
 
 import common
@@ -29,6 +32,7 @@ ROWS = {  # name (for --rows and the run folders): (label, settings on top of th
     "random_w1": ("random control, weight 1", dict(router="random", router_weight="one")),
     "deeper": ("nearest-FLOP MoD (deeper)", dict()),
     "mod_4_3": ("MoD, 4/3 the iterations", dict(iterations=4 / 3)),
+    "mod_clip_together": ("MoD, predictor clipped with the trunk", dict(clip_together=True)),
 }
 DEFAULT_ROWS = "dense,shallow,mod,random,random_w1,deeper"
 # the differences the results page states: (a, b, what a - b means); losses are top-k unless "causal" is named
@@ -44,6 +48,10 @@ COMPARISONS = [
     ("random control (noise is the weight)", "random control, weight 1", "random - random weight 1: the noisy weight"),
     ("random control, weight 1", "shallow control", "random weight 1 - shallow: do randomly routed blocks help?"),
     ("MoD causal", "MoD", "MoD's causal gap (causal - top-k)"),
+    ("MoD, predictor clipped with the trunk", "MoD", "clipped together - apart, top-k"),
+    ("MoD, predictor clipped with the trunk causal", "MoD causal", "clipped together - apart, causal"),
+    ("MoD, predictor clipped with the trunk causal", "MoD, predictor clipped with the trunk",
+     "clipped together: causal gap"),
     ("nearest-FLOP MoD (deeper) causal", "dense", "nearest-FLOP causal - dense"),
     ("nearest-FLOP MoD (deeper)", "dense", "nearest-FLOP top-k - dense"),
     ("nearest-FLOP MoD (deeper) causal", "nearest-FLOP MoD (deeper)", "nearest-FLOP's causal gap"),
@@ -54,8 +62,10 @@ def run(setting="block 64", seeds=3, max_iters=2000, eval_iters=200, out_dir="be
         rows=DEFAULT_ROWS, deeper=None, **overrides):
     """Train the rows (comma-separated names of ROWS; dense always) for each seed (1337, 1338, ...), measure them
     on shared windows, write the tables. deeper: whether to train the nearest-FLOP MoD (default: at block 64 only).
-    overrides: shape fields (for tests)."""
-    shape = dict(common.SETTINGS[setting], **overrides)
+    overrides: fields of MoDConfig (the shape) or of train.TrainConfig, for tests."""
+    model_fields = {f.name for f in dataclasses.fields(common.MoDConfig)}
+    shape = dict(common.SETTINGS[setting], **{k: v for k, v in overrides.items() if k in model_fields})
+    extra = {k: v for k, v in overrides.items() if k not in model_fields}
     batch_size = shape.pop("batch_size")
     data_dir = common.data_folder(data_dir)
     T = shape["block_size"]
@@ -79,14 +89,30 @@ def run(setting="block 64", seeds=3, max_iters=2000, eval_iters=200, out_dir="be
         for name, (label, fields) in rows.items():
             fields = dict(fields)
             iters = round(max_iters * fields.pop("iterations", 1))
+            together = fields.pop("clip_together", False)
             settings = common.train_settings(shape, batch_size, iters, max(1, eval_iters // 10),
-                                             data_dir=data_dir, seed=seed, **fields)
-            results[label, seed] = common.measure(f"{name}_{seed}", log_dir, windows, settings)
-    labelled = {label: {k: v for k, v in fields.items() if k != "iterations"} for label, fields in rows.values()}
+                                             data_dir=data_dir, seed=seed, **fields, **extra)
+            with clipped_together(together):
+                results[label, seed] = common.measure(f"{name}_{seed}", log_dir, windows, settings)
+    labelled = {label: {k: v for k, v in fields.items() if k not in ("iterations", "clip_together")}
+                for label, fields in rows.values()}
     lines, data = tables(results, labelled, shape, dense_flops, setting, seeds, max_iters, batch_size, len(windows))
     file = setting.replace(" ", "") + ("" if rows.keys() == set(DEFAULT_ROWS.split(",")) else "_" + "_".join(rows))
     common.write(out_dir, file, lines, data)
     return data
+
+
+@contextlib.contextmanager
+def clipped_together(on):
+    """With on: train.py clips one gradient norm over all parameters, trunk and predictors together (the coupling
+    train.clip_groups removed), for the row that measures what that change did; otherwise nothing changes."""
+    original = common.train.clip_groups
+    if on:
+        common.train.clip_groups = lambda model: [list(model.parameters())]
+    try:
+        yield
+    finally:
+        common.train.clip_groups = original
 
 
 def losses(results, name, seed):
