@@ -12,14 +12,15 @@ to the estimate, and KV-cache bytes. Every speed ratio is shown against its idea
 The models are untrained; so that generation routes what a trained predictor routes, each predictor's bias is set
 so that it routes `capacity` of the tokens of a calibration batch.
 
-Quality: trainings on the same data with the same seed, all measured on the same validation windows (so that two
-models can be compared window by window, with standard errors), in two settings. At block 64 (train.py's CPU
-default): dense; the shallow control (dense without the routed blocks: what the routed blocks must beat); MoD for as
-many iterations and for the same training time; the random-routing control; the isoFLOP MoD (more layers, the
-dense model's FLOPs per forward pass), also trained with the router's own aux loss (the paper's causal method 1);
-and MoD with the other router_weight. At block 256 (long sequences, sized for a CPU): dense, shallow, MoD, random.
-It reports validation loss under top-k and causal routing, the causal rule's accuracy per routed block (on top-k
-inputs and on the causally routed inputs met when sampling), time, and a per-position check: the loss at the last
+Quality: trainings on the same data with the same seed (one seed: experiments/seeds.py repeats the key rows over
+seeds), all measured on the same validation windows (so that two models can be compared window by window, with
+standard errors), in two settings. At block 64 (train.py's CPU default): dense; the shallow control (dense without
+the routed blocks: what the routed blocks must beat); MoD for as many iterations and for the same training time; the
+random-routing control; the nearest-FLOP MoD (the depth whose FLOPs per forward pass are nearest dense's: deeper,
+not isoFLOP), also trained with the router's own aux loss (the paper's causal method 1); and MoD with the other
+router_weight. At block 256 (long sequences, sized for a CPU): dense, shallow, MoD, random.
+It reports validation loss under top-k and causal routing, the causal rule's accuracy and balanced accuracy per
+routed block (on top-k inputs and on the causally routed inputs met when sampling), time, and a per-position check: the loss at the last
 position against the middle, MoD against dense (README: the last-position anomaly).
 
 The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
@@ -409,7 +410,7 @@ def score_percents(scores):
 
 
 def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, full):
-    """The trainings of one setting and its tables. full: also the block-64-only runs (same training time, isoFLOP
+    """The trainings of one setting and its tables. full: also the block-64-only runs (same training time, nearest-FLOP
     with and without the router's aux loss, the other router_weight)."""
     shape = dict(shape)
     batch_size = shape.pop("batch_size")
@@ -439,9 +440,9 @@ def quality_setting(name, shape, device, log_dir, iters, eval_iters, data_dir, f
                                                   **base), flops())
     if full:
         iso = dict(n_layer=iso_layers)
-        runs[f"MoD isoFLOP, {iso_layers} layers"] = (
+        runs[f"nearest-FLOP MoD, {iso_layers} layers (deeper, not isoFLOP)"] = (
             quality_run(f"{tag}_isoflop", log_dir, windows, causal, **{**base, **iso}), flops(**iso))
-        runs[f"MoD isoFLOP, {iso_layers} layers, router_aux_loss={ROUTER_AUX_LOSS}"] = (
+        runs[f"nearest-FLOP MoD, {iso_layers} layers, router_aux_loss={ROUTER_AUX_LOSS}"] = (
             quality_run(f"{tag}_isoflop_aux", log_dir, windows, ("predictor", "router"),
                         **{**base, **iso}, router_aux_loss=ROUTER_AUX_LOSS), flops(**iso))
         runs["MoD, router_weight=sigmoid"] = (

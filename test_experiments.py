@@ -59,7 +59,7 @@ def test_seeds_runs_every_row_over_each_seed_and_pairs_each_seed_with_its_own_de
     assert len(mod_minus_dense["per_seed"]) == 2
     expected = [a - b for a, b in zip(out["rows"]["MoD"]["topk"], out["rows"]["dense"]["topk"])]
     assert [d for d, _ in mod_minus_dense["per_seed"]] == pytest.approx(expected, abs=1e-6)
-    assert len(out["comparisons"]) == len(seeds.COMPARISONS) - 4  # all but those of the rows not asked for
+    assert len(out["comparisons"]) == len(seeds.COMPARISONS) - 7  # all but those of the rows not asked for
     assert all(c["verdict"] in ("holds", "within the noise") for c in out["comparisons"].values())
     table = (tmp_path / "block64.md").read_text()
     assert "| random control, weight 1 |" in table and "mean ± seed sd" in table
@@ -161,7 +161,8 @@ def test_gradient_ratio_is_the_last_rows_gradient_norm_over_the_middle_rows(data
     assert model.transformer.wpe.weight.grad is None  # measured, not left behind for an optimizer
 
 
-@pytest.mark.parametrize("script", ["seeds", "isoflop", "capacity_frequency", "routing_analysis", "anomaly", "peers"])
+@pytest.mark.parametrize("script", ["seeds", "isoflop", "capacity_frequency", "routing_analysis", "anomaly",
+                                    "peers"])
 def test_each_experiment_has_one_command_with_help(script):
     out = subprocess.run([sys.executable, str(HERE / "experiments" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=60)

@@ -12,7 +12,8 @@ Gaussian noise, the noise also the weight); the random control with weight 1 (ra
 at block 64, the nearest-FLOP MoD (the depth whose FLOPs are nearest dense's: 7 layers, 1.12x dense's FLOPs
 - deeper, not isoFLOP); and, only when asked with --rows, MoD trained 4/3 as many iterations (about dense's training
 time: MoD's step took 0.75x dense's in bench.py --quality's run) or MoD with its predictors' gradients clipped
-together with the trunk's, under one norm (how train.py clipped before train.clip_groups). Every model is scored on the same
+together with the trunk's, under one norm (how train.py clipped before train.clip_groups), or MoD with
+router_weight=sigmoid. Every model is scored on the same
 validation windows, so a seed's difference between two models is paired, window by window. Writes
 bench_runs/seeds/<setting>.md and .json.
 """
@@ -33,6 +34,7 @@ ROWS = {  # name (for --rows and the run folders): (label, settings on top of th
     "deeper": ("nearest-FLOP MoD (deeper)", dict()),
     "mod_4_3": ("MoD, 4/3 the iterations", dict(iterations=4 / 3)),
     "mod_clip_together": ("MoD, predictor clipped with the trunk", dict(clip_together=True)),
+    "sigmoid": ("MoD, router_weight=sigmoid", dict(router_weight="sigmoid")),
 }
 DEFAULT_ROWS = "dense,shallow,mod,random,random_w1,deeper"
 # the differences the results page states: (a, b, what a - b means); losses are top-k unless "causal" is named
@@ -53,6 +55,9 @@ COMPARISONS = [
     ("MoD, predictor clipped with the trunk causal", "MoD causal", "clipped together - apart, causal"),
     ("MoD, predictor clipped with the trunk causal", "MoD, predictor clipped with the trunk",
      "clipped together: causal gap"),
+    ("MoD, router_weight=sigmoid", "MoD", "sigmoid - raw, top-k"),
+    ("MoD, router_weight=sigmoid causal", "MoD causal", "sigmoid - raw, causal"),
+    ("MoD, router_weight=sigmoid causal", "MoD, router_weight=sigmoid", "sigmoid: causal gap"),
     ("nearest-FLOP MoD (deeper) causal", "dense", "nearest-FLOP causal - dense"),
     ("nearest-FLOP MoD (deeper)", "dense", "nearest-FLOP top-k - dense"),
     ("nearest-FLOP MoD (deeper) causal", "nearest-FLOP MoD (deeper)", "nearest-FLOP's causal gap"),
