@@ -155,6 +155,7 @@ SKIPPED = [  # (a part of the command, why this test does not run it)
     ("torchrun", "DDP with 2 processes takes long; test_scripts.py runs DDP"),
     ("bench.py --quality", "about 20 minutes of training"),
     ("bench.py --figures", "minutes of training; test_scripts.py runs bench.figures() at a tiny size"),
+    ("experiments/", "minutes to half an hour of training; test_experiments.py runs each experiment at a tiny size"),
     ("--device=cuda", "needs a CUDA GPU"),
     ("--compile=True", "the GPU block: compiling takes minutes on a CPU; test_scripts.py compiles a tiny model"),
 ]

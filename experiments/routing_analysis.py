@@ -124,13 +124,14 @@ def draw(data, results, path, cfg):
     ax = axes[0]
     x = torch.arange(R + 1)
     for i, (routing, name) in enumerate((("topk", "top-k"), ("predictor", "causal"))):
-        ax.bar(x + (i - 0.5) * 0.4, [100 * s for s in data["blocks_used"][routing]["observed"]], 0.4, label=name)
+        shares = [100 * s for s in data["blocks_used"][routing]["observed"]]
+        bars = ax.bar(x + (i - 0.5) * 0.4, shares, 0.4, label=name)
+        ax.bar_label(bars, [f"{s:.1f}" for s in shares], fontsize=7)
     ax.plot(x, [100 * s for s in data["blocks_used"]["topk"]["independent"]], "k_", markersize=20,
-            label="independent blocks (top-k's rates)")
+            label="if blocks chose independently")
     ax.set_xticks(x.tolist())
     ax.set_xlabel("routed blocks a token goes through")
     ax.set_ylabel("share of tokens (%)")
-    ax.set_yscale("log")
     ax.legend(fontsize=8)
     used, weights, entropy, _ = results["topk"]
     ax = axes[1]
