@@ -20,8 +20,8 @@ random-routing control; the nearest-FLOP MoD (the depth whose FLOPs per forward 
 not isoFLOP), also trained with the router's own aux loss (the paper's causal method 1); and MoD with the other
 router_weight. At block 256 (long sequences, sized for a CPU): dense, shallow, MoD, random.
 It reports validation loss under top-k and causal routing, the causal rule's accuracy and balanced accuracy per
-routed block (on top-k inputs and on the causally routed inputs met when sampling), time, and a per-position check: the loss at the last
-position against the middle, MoD against dense (README: the last-position anomaly).
+routed block (on top-k inputs and on the causally routed inputs met when sampling), time, and a per-position check:
+the loss at the last position against the middle, MoD against dense (README: the last-position anomaly).
 
 The output is markdown, printed and written to --out (default bench.md), with the command and the machine.
 
@@ -106,7 +106,12 @@ def calibrate_predictors(model, device, batch=8):
 
 
 def median_times(fns, repeats, min_seconds=0.3):
-    """Run each function in turn (A B A B ...), repeats times, and return each one's median seconds per call.
+    """Each function's median seconds per call over interleaved_times' rounds."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats, min_seconds)]
+
+
+def interleaved_times(fns, repeats, min_seconds=0.3):
+    """Run each function in turn (A B A B ...), repeats times, and return each one's seconds per call in every round.
     A fast function is called several times per turn (as many as the slowest one needs to take min_seconds), so that
     each timing is long enough to rise above the machine's noise."""
     once = []
@@ -122,7 +127,7 @@ def median_times(fns, repeats, min_seconds=0.3):
             for _ in range(calls):
                 fn()
             times[i].append((time.perf_counter() - t0) / calls)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 class TextbookGPT(torch.nn.Module):

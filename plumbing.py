@@ -11,7 +11,7 @@ run, none of which is about Mixture-of-Depths (that is mod.py, with train.py and
   files             write_atomically, check_writable
   checkpoints       Checkpoints: ckpt.pt and best.pt, the whole checkpoint policy in one place, and the out_dir lock
   signals           StopSignals: Ctrl-C, SIGTERM and a closed stdout finish the iteration and save
-  metrics           Clock, Metrics (metrics.jsonl), read_metrics, peak_flops
+  metrics           Clock, Metrics (metrics.jsonl), read_metrics, peak_flops, format_eval, predictor_text
 
 torch is imported only inside the functions that need it, so that preparing data never imports it.
 """
@@ -827,6 +827,21 @@ class ClosedPipeGuard:
 # order (the PCIe H100 before the SXM one)
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
                "V100": 125.0, "T4": 65.0}
+
+
+def format_eval(it, ev):
+    """The log line of train.evaluate's results at iteration it."""
+    line = f"step {it}: train loss {ev['train_topk']:.4f}, val loss {ev['val_topk']:.4f}"
+    if "val_predictor" in ev:
+        line += f" (top-k), val loss {ev['val_predictor']:.4f} (causal predictor), predictor " + predictor_text(ev)
+    return line
+
+
+def predictor_text(values):
+    """The predictor's scores against top-k for a log line: accuracy, and what accuracy hides (mod.predictor_scores)."""
+    accuracy, balanced, precision, recall = (100 * values[f"predictor_{k}"]
+                                             for k in ("accuracy", "balanced", "precision", "recall"))
+    return f"accuracy {accuracy:.1f}% (balanced {balanced:.1f}%, precision {precision:.1f}%, recall {recall:.1f}%)"
 
 
 def peak_flops(peak_tflops, device):

@@ -135,8 +135,11 @@ def test_random_router_control_routes_k_tokens_not_the_router_top_k():
 
 
 
-def test_random_control_weights_the_update_by_its_noise():
-    model = tiny(router="random")
+@pytest.mark.parametrize("router_weight", ["raw", "one"])
+def test_random_control_weights_the_update_by_its_noise_or_by_one(router_weight):
+    # "raw": the paper's control, the noise that picks the tokens is also their weight; "one" (the weight-1 control):
+    # random selection without the random weight (Eq. 1 with w = 1)
+    model = tiny(router="random", router_weight=router_weight)
     block = routed_blocks(model)[0]
     x = torch.randn(3, 32, 32)
     torch.manual_seed(5)
@@ -147,25 +150,10 @@ def test_random_control_weights_the_update_by_its_noise():
         chosen = noise[b].topk(8).indices.sort().values
         assert torch.equal(info.processed[b].nonzero().squeeze(1), chosen)
         f = block.block.update(x[b:b + 1, chosen])[0]
-        assert torch.allclose(out[b, chosen], x[b, chosen] + noise[b, chosen, None] * f, atol=1e-6)
-
-def test_weight_one_random_control_adds_the_unweighted_update():
-    # router_weight="one": random selection without the random weight (Eq. 1 with w = 1)
-    model = tiny(router="random", router_weight="one")
-    block = routed_blocks(model)[0]
-    x = torch.randn(3, 32, 32)
-    torch.manual_seed(5)
-    noise = torch.randn(3, 32)
-    torch.manual_seed(5)
-    out, info = block(x)
-    for b in range(3):
-        chosen = noise[b].topk(8).indices.sort().values
-        assert torch.equal(info.processed[b].nonzero().squeeze(1), chosen)
-        f = block.block.update(x[b:b + 1, chosen])[0]
-        assert torch.allclose(out[b, chosen], x[b, chosen] + f, atol=1e-6)
+        weight = noise[b, chosen, None] if router_weight == "raw" else 1.0
+        assert torch.allclose(out[b, chosen], x[b, chosen] + weight * f, atol=1e-6)
     skipped = ~info.processed
     assert torch.equal(out[skipped], x[skipped])
-
 
 # -----------------------------------------------------------------------------
 # 3. gradients: router learns from the LM loss, predictor does not, and predictor loss stays out of the trunk

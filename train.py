@@ -26,9 +26,9 @@ import torch
 from data.prepare import Tokenizer, check_same_vocabulary, dataset_dir, load_dataset, prepare_if_missing
 from mod import MoDConfig, MoDGPT, predictor_scores
 from plumbing import (CheckpointError, Checkpoints, Clock, Metrics, StopSignals, allow_tf32, autocast_for,
-                      check_train_config, config_parser, merge_settings, on_first_process, parameters_without_gradient,
-                      peak_flops, pick_device, pick_dtype, random_state, require, resolve_config, run_cli,
-                      stop_on_bad_loss)
+                      check_train_config, config_parser, format_eval, merge_settings, on_first_process,
+                      parameters_without_gradient, peak_flops, pick_device, pick_dtype, predictor_text, random_state,
+                      require, resolve_config, run_cli, stop_on_bad_loss)
 
 # -----------------------------------------------------------------------------
 # settings: every field of TrainConfig and of mod.MoDConfig is a flag, --key=value (python train.py --help)
@@ -161,10 +161,9 @@ def configure_optimizer(model, cfg, device_type):
 
 
 def clip_groups(model):
-    """The parameter groups whose gradient norms are clipped apart: the language model's, and the causal predictors'.
-    A predictor reads the trunk through a stop-gradient (section 3.5), so its gradients never reach the trunk; but
-    clipped together, under one norm, large predictor gradients would still shrink the trunk's step. Clipped apart,
-    the predictors cannot change what the language model learns (test_scripts.py checks it)."""
+    """The trunk's parameters and the predictors', whose gradient norms are clipped apart: under one norm, large
+    predictor gradients would shrink the trunk's step, despite the stop-gradient (section 3.5). Apart, the predictors
+    cannot change what the language model learns (test_scripts.py checks it)."""
     named = list(model.named_parameters())
     predictors = [p for name, p in named if ".predictor" in name]  # MoDBlock.predictor, mode.py's .predictors
     return [group for group in ([p for name, p in named if ".predictor" not in name], predictors) if group]
@@ -213,13 +212,6 @@ def evaluate(model, batches, cfg, autocast):
     return out
 
 
-def format_eval(it, ev):
-    line = f"step {it}: train loss {ev['train_topk']:.4f}, val loss {ev['val_topk']:.4f}"
-    if "val_predictor" in ev:
-        line += f" (top-k), val loss {ev['val_predictor']:.4f} (causal predictor), predictor " + predictor_text(ev)
-    return line
-
-
 def log_values(model, cfg, it, loss, dt, world_size):
     """The log line's numbers at iteration it, dt being the seconds per iteration. Reading the loss is a host-device
     sync, so it happens every log_interval iterations only."""
@@ -239,13 +231,6 @@ def log_values(model, cfg, it, loss, dt, world_size):
         values.update({f"predictor_{k}": v for k, v in predictor_scores(stats["predictor_counts"]).items()})
         text += f", routed {100 * values['routed_frac']:.1f}%, predictor " + predictor_text(values)
     return text, values
-
-
-def predictor_text(values):
-    """The predictor's scores against top-k: accuracy, and what accuracy hides (mod.predictor_scores)."""
-    accuracy, balanced, precision, recall = (100 * values[f"predictor_{k}"]
-                                             for k in ("accuracy", "balanced", "precision", "recall"))
-    return f"accuracy {accuracy:.1f}% (balanced {balanced:.1f}%, precision {precision:.1f}%, recall {recall:.1f}%)"
 
 
 # -----------------------------------------------------------------------------

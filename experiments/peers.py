@@ -34,7 +34,7 @@ shakespeare_char: 6 x 384, block 256, batch 8):
   that a peer's layer wraps where it takes one. A peer's auxiliary loss is in the step where its own code trains it
   by default; kyegomez's optional predictor is measured both ways.
 Timing: fused AdamW (train.configure_optimizer), 2 threads, `rounds` interleaved rounds (every model once per round,
-in turn, as bench.median_times); the forward is timed under no_grad in training mode (the same top-k routing as the
+in turn, as bench.interleaved_times); the forward is timed under no_grad in training mode (the same top-k routing as the
 step). Reported: each model's median time over ours, and for the step the spread [min-max] of the per-round ratios.
 It writes out_dir/peers.md (the table, the command, the commits) and out_dir/peers.json, and prints the table.
 """
@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 from dataclasses import dataclass
 
@@ -403,25 +402,6 @@ def step_and_forward(model, x, y):
     return step, forward
 
 
-def interleaved_times(fns, rounds, min_seconds):
-    """bench.median_times's rounds (each function in turn, A B C A B C ...; a fast one called several times per turn,
-    as many as the slowest needs to take min_seconds), returning every round's seconds per call, not only medians."""
-    once = []
-    for fn in fns:
-        t0 = time.perf_counter()
-        fn()
-        once.append(time.perf_counter() - t0)
-    calls = max(1, round(min_seconds / max(once)))
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[i].append((time.perf_counter() - t0) / calls)
-    return times
-
-
 def measure_shape(shape_name, dims, batch, peers, rounds, min_seconds, notes):
     """The rows of one shape: each model's median step and forward over ours, with the step's per-round spread."""
     gen = torch.Generator().manual_seed(1)
@@ -445,9 +425,9 @@ def measure_shape(shape_name, dims, batch, peers, rounds, min_seconds, notes):
         labels.append(label)
         baselines.append(baseline)
     print(f"peers: {shape_name}, {len(labels)} models, {rounds} rounds of the training step ...", file=sys.stderr)
-    steps = interleaved_times([f[0] for f in fns], rounds, min_seconds)
+    steps = bench.interleaved_times([f[0] for f in fns], rounds, min_seconds)
     print(f"peers: {shape_name}, {rounds} rounds of the forward ...", file=sys.stderr)
-    forwards = interleaved_times([f[1] for f in fns], rounds, min_seconds)
+    forwards = bench.interleaved_times([f[1] for f in fns], rounds, min_seconds)
     ours = {"dense": 0, "MoD": 1}
     rows = []
     for label, baseline, s, f in zip(labels, baselines, steps, forwards):
@@ -529,8 +509,8 @@ def run(paths, shapes="cpu,shakespeare_char", rounds=6, out_dir="bench_runs/peer
     checkout} (keys of PEERS; a peer not given is skipped). Writes out_dir/peers.md and peers.json, prints the table,
     and returns the rows (dicts: shape, model, over, train_ratio, train_min, train_max, forward_ratio, times in ms).
     shape_overrides: dims for a quick run (n_layer, n_head, n_embd, block_size, batch_size); min_seconds: the
-    shortest turn of a round (bench.median_times); threads: torch's (restored afterwards; 1 for a quick run on a busy
-    machine, where 2 threads on tiny shapes mostly wait for each other)."""
+    shortest turn of a round (bench.interleaved_times); threads: torch's (restored afterwards; 1 for a quick run on a
+    busy machine, where 2 threads on tiny shapes mostly wait for each other)."""
     shape_names = check(paths, shapes, rounds)
     notes = []
     peers = load_peers(paths, notes)

@@ -134,31 +134,28 @@ def draw(data, results, path, cfg):
     ax.set_ylabel("share of tokens (%)")
     ax.legend(fontsize=8)
     used, weights, entropy, _ = results["topk"]
-    ax = axes[1]
-    for j, block in enumerate(data["blocks"]):
-        u, r = used[..., j], weights[..., j]
-        bins = torch.linspace(r.min().item(), r.max().item(), 60).tolist()
-        ax.hist(r[~u].tolist(), bins=bins, histtype="step", color=f"C{j}", linestyle=":", density=True)
-        ax.hist(r[u].tolist(), bins=bins, histtype="step", color=f"C{j}", density=True,
-                label=f"block {block['block']}: routed (solid), skipped (dotted)")
-    ax.set_xlabel("router weight r (raw, Eq. 1)")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    for j, block in enumerate(data["blocks"]):
-        u = used[..., j]
-        bins = torch.linspace(0, entropy.max().item(), 40).tolist()
-        ax.hist(entropy[~u].tolist(), bins=bins, histtype="step", color=f"C{j}", linestyle=":", density=True)
-        ax.hist(entropy[u].tolist(), bins=bins, histtype="step", color=f"C{j}", density=True,
-                label=f"block {block['block']}: routed (solid), skipped (dotted)")
-    ax.set_xlabel("predictive entropy at the token's position (nats)")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    blocks = [b["block"] for b in data["blocks"]]
+    routed_and_skipped(axes[1], [weights[..., j] for j in range(R)], used, blocks, "router weight r (raw, Eq. 1)")
+    routed_and_skipped(axes[2], [entropy] * R, used, blocks, "predictive entropy at the token's position (nats)")
     fig.suptitle(f"Routing analysis: {cfg.n_layer} x {cfg.n_embd}, block {cfg.block_size}, capacity "
                  f"{cfg.capacity:.1%} (python experiments/routing_analysis.py)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def routed_and_skipped(ax, values, used, blocks, xlabel):
+    """One panel: for each routed block j, the distribution of values[j] (N, T) over the tokens it routes (solid)
+    and over those it skips (dotted); used (N, T, R)."""
+    bins = torch.linspace(min(v.min().item() for v in values), max(v.max().item() for v in values), 50).tolist()
+    for j, (v, block) in enumerate(zip(values, blocks)):
+        u = used[..., j]
+        ax.hist(v[~u].tolist(), bins=bins, histtype="step", color=f"C{j}", linestyle=":", density=True)
+        ax.hist(v[u].tolist(), bins=bins, histtype="step", color=f"C{j}", density=True,
+                label=f"block {block}: routed (solid), skipped (dotted)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":
